@@ -1,0 +1,1 @@
+"""Mixture-of-friction LoRA pipeline: one module per DVC stage, plus the shared pieces they use."""

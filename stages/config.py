@@ -1,0 +1,167 @@
+"""Typed, validated view of params.yaml: every stage loads it through `load_params` before doing any work.
+
+Unknown keys, wrong types and out-of-range values stop the stage with a message naming the key. The file is read
+with ruamel's YAML 1.2 loader, as DVC itself does, so `dvc exp run -S train.learning_rate=1e-7` (written as
+`1e-07`) stays a float.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+PARAMS_FILE = Path("params.yaml")
+LOCAL_SOURCES_DIR = Path("data/sources")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelParams(Section):
+    base: str = Field(min_length=1)
+    """A Hugging Face Hub model id, or a local directory under data/sources/."""
+    revision: str = "main"
+    """Branch, tag or commit of a Hub model; fetch records the commit it resolves to."""
+    max_length: int = Field(ge=64, le=131072)
+    load_in_4bit: bool = False
+
+
+class SourceParams(Section):
+    hub: str | None = None
+    """A Hugging Face Hub dataset id (split `train`)."""
+    revision: str = "main"
+    path: str | None = None
+    """A local JSON Lines file under data/sources/, in the same schema as the Hub dataset."""
+    format: Literal["friction", "reluctance"]
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceParams:
+        if (self.hub is None) == (self.path is None):
+            raise ValueError("give exactly one of 'hub' or 'path'")
+        if self.path is not None and not Path(self.path).is_relative_to(LOCAL_SOURCES_DIR):
+            # fetch declares data/sources as its DVC dependency; a file elsewhere would change unnoticed.
+            raise ValueError(f"local path {self.path!r} must be inside {LOCAL_SOURCES_DIR}/")
+        return self
+
+
+class DataParams(Section):
+    sources: dict[str, SourceParams] = Field(min_length=1)
+
+
+class MixParams(Section):
+    weights: dict[str, float]
+    """Share of the mixed examples drawn from each source; keys are the names in data.sources."""
+    target_max: int = Field(ge=1)
+    target_fraction: float = Field(gt=0, le=1)
+    """The mix asks for min(target_max, int(target_fraction x all rows)) examples."""
+    validation_fraction: float = Field(gt=0, lt=1)
+    system_prompt: str = Field(min_length=1)
+    on_bad_rows: Literal["drop", "fail"] = "drop"
+
+    @model_validator(mode="after")
+    def _weights_non_negative(self) -> MixParams:
+        for name, weight in self.weights.items():
+            if weight < 0:
+                raise ValueError(f"weight of {name!r} is negative ({weight})")
+        return self
+
+
+class PackParams(Section):
+    strategy: Literal["bfd", "stacked"] = "bfd"
+    """bfd: best-fit-decreasing, each example attends only to itself. stacked: the original's greedy next-fit,
+    examples in a row attend to each other."""
+    overflow: Literal["truncate", "drop"] = "truncate"
+    """What to do with an example longer than model.max_length."""
+
+
+class LoraParams(Section):
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class TrainParams(Section):
+    epochs: float = Field(gt=0)
+    max_steps: int = Field(default=-1, ge=-1)
+    """-1 trains for `epochs`; a positive value caps the run at that many optimizer steps."""
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(ge=0, lt=1)
+    optimizer: str = "adamw_torch"
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    eval_steps: int = Field(ge=1)
+    early_stopping_patience: int = Field(ge=1)
+    early_stopping_threshold: float = Field(ge=0)
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(default=10, ge=1)
+
+
+class EvaluateParams(Section):
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0)
+    """0 decodes greedily."""
+    top_p: float = Field(gt=0, le=1)
+    batch_size: int = Field(ge=1)
+    max_prompts: int | None = Field(default=None, ge=1)
+    """Evaluate only the first N prompts of data/eval/prompts.jsonl; null takes them all."""
+
+
+class CardParams(Section):
+    model_name: str = Field(min_length=1)
+    license: str = Field(min_length=1)
+    tags: list[str] = []
+
+
+class Params(Section):
+    seed: int = Field(ge=0)
+    model: ModelParams
+    data: DataParams
+    mix: MixParams
+    pack: PackParams
+    lora: LoraParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    card: CardParams
+
+    @model_validator(mode="after")
+    def _weights_name_sources(self) -> Params:
+        unknown = sorted(set(self.mix.weights) - set(self.data.sources))
+        if unknown:
+            raise ValueError(f"mix.weights names sources not in data.sources: {', '.join(unknown)}")
+        missing = sorted(set(self.data.sources) - set(self.mix.weights))
+        if missing:
+            raise ValueError(f"mix.weights has no weight for: {', '.join(missing)}")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        lines.append(f"  {key}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate the params file; raise a click error naming the file and key on any problem."""
+    try:
+        raw = YAML(typ="safe", pure=True).load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise click.ClickException(f"{path}: not found (run from the repository root)") from None
+    except YAMLError as error:
+        raise click.ClickException(f"{path}: not valid YAML:\n{error}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise click.ClickException(f"{path}: invalid parameters:\n{_describe(error)}") from None

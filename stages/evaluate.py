@@ -1,0 +1,154 @@
+"""evaluate: the base model against base + adapter, on the same validation rows and the same held-out prompts.
+
+Validation loss is the token-weighted mean over exactly the labels the trainer used (packed rows, per-example
+positions, cache off so packed examples cannot see each other). Generation uses the project's own held-out
+prompts; both responses are scored with the friction metrics and saved side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+import torch
+from datasets import Dataset
+from peft import PeftModel
+from transformers import set_seed
+
+from stages import friction_metrics
+from stages.artifacts import write_json
+from stages.chatml import IM_END, generation_prompt
+from stages.config import Params
+from stages.modeling import load_base_model
+from stages.pack import IGNORE_INDEX
+
+
+def position_ids(seq_lengths: list[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(length) for length in seq_lengths])
+
+
+@torch.no_grad()
+def validation_loss(model, rows: Dataset, device: torch.device) -> tuple[float, int]:
+    """Mean cross-entropy per trained token, and the number of trained tokens."""
+    total, count = 0.0, 0
+    for row in rows:
+        input_ids = torch.tensor([row["input_ids"]], device=device)
+        positions = position_ids(row["seq_lengths"]).unsqueeze(0).to(device)
+        labels = torch.tensor([row["labels"]], device=device)
+        labels[positions == 0] = IGNORE_INDEX  # the first token of an example is never predicted from the previous one
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits.float()
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total += losses.item()
+        count += int((targets != IGNORE_INDEX).sum())
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], params: Params, device: torch.device) -> list[str]:
+    settings = params.evaluate
+    set_seed(params.seed)  # both models sample from the same random stream
+    responses = []
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = tokenizer(prompts[start : start + settings.batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)  # fmt: skip
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+        output = model.generate(
+            **batch,
+            max_new_tokens=settings.max_new_tokens,
+            # The base tokenizer may not know <|im_end|> as one token: stop on the string, as the recipe's EOS.
+            stop_strings=[IM_END],
+            tokenizer=tokenizer,
+            pad_token_id=tokenizer.pad_token_id,
+            **(sampling if settings.temperature > 0 else {"do_sample": False}),
+        )
+        for ids in output[:, batch["input_ids"].shape[1] :]:
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            for end_marker in (IM_END, tokenizer.eos_token, tokenizer.pad_token):
+                if end_marker:
+                    text = text.split(end_marker)[0]
+            responses.append(text.strip())
+    return responses
+
+
+def read_prompts(path: Path, limit: int | None) -> list[dict]:
+    prompts = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
+                    raise ValueError("needs a non-empty string 'prompt'")
+            except (json.JSONDecodeError, ValueError, AttributeError) as error:
+                raise click.ClickException(f"{path} line {line_number}: {error}") from None
+            prompts.append(record)
+    if not prompts:
+        raise click.ClickException(f"{path}: no prompts")
+    return prompts[:limit]
+
+
+def run(
+    params: Params, packed_dir: Path, manifest_path: Path, adapter_dir: Path, prompts_path: Path,
+    samples_path: Path, metrics_path: Path,
+) -> None:  # fmt: skip
+    prompts = read_prompts(prompts_path, params.evaluate.max_prompts)
+    base, tokenizer, _, _ = load_base_model(params, manifest_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    rows = Dataset.from_parquet(str(packed_dir / "validation.parquet"))
+    with model.disable_adapter():
+        base_loss, tokens = validation_loss(model, rows, device)
+    adapter_loss, _ = validation_loss(model, rows, device)
+    click.echo(f"evaluate: validation loss base {base_loss:.4f} -> adapter {adapter_loss:.4f} ({tokens} tokens)")
+
+    texts = [
+        generation_prompt([{"role": "system", "content": params.mix.system_prompt},
+                           {"role": "user", "content": p["prompt"]}])
+        for p in prompts
+    ]  # fmt: skip
+    with model.disable_adapter():
+        base_responses = generate(model, tokenizer, texts, params, device)
+    adapter_responses = generate(model, tokenizer, texts, params, device)
+
+    samples = []
+    for prompt, base_response, adapter_response in zip(prompts, base_responses, adapter_responses, strict=True):
+        samples.append({
+            "id": prompt.get("id"),
+            "prompt": prompt["prompt"],
+            "base_response": base_response,
+            "adapter_response": adapter_response,
+            "base_metrics": friction_metrics.score(base_response),
+            "adapter_metrics": friction_metrics.score(adapter_response),
+        })  # fmt: skip
+    samples_path.parent.mkdir(parents=True, exist_ok=True)
+    with samples_path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
+
+    write_json(
+        metrics_path,
+        {
+            "validation": {
+                "tokens": tokens,
+                "base_loss": round(base_loss, 4),
+                "adapter_loss": round(adapter_loss, 4),
+                "base_perplexity": round(math.exp(base_loss), 3),
+                "adapter_perplexity": round(math.exp(adapter_loss), 3),
+            },
+            "friction": {
+                "prompts": len(samples),
+                "base": friction_metrics.summarize([s["base_metrics"] for s in samples]),
+                "adapter": friction_metrics.summarize([s["adapter_metrics"] for s in samples]),
+            },
+        },
+    )
+    click.echo(f"evaluate: {len(samples)} prompts answered by both models -> {samples_path}")

@@ -1,0 +1,116 @@
+"""A tiny Qwen2-architecture model and tokenizer, built deterministically from code, for the demo recipe.
+
+The recipe fine-tunes DeepSeek-R1-Distill-Qwen-7B, which cannot be downloaded or trained here. The demo stands in a
+model with the same architecture (Qwen2: RoPE, grouped-query attention, SwiGLU, tied embeddings) and the same kind of
+tokenizer (byte-level BPE with Qwen2's pre-tokenization and ChatML special tokens), but ~0.7M parameters and a few
+thousand tokens of vocabulary, so tokenizing, LoRA training and generation run on a 2-core CPU in seconds. Weights are
+random from a fixed seed: the demo exercises the pipeline, not the quality of the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from stages.chatml import CHAT_TEMPLATE, IM_END, IM_START
+
+ENDOFTEXT = "<|endoftext|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+# Embedding rows are padded to a multiple of this, as Qwen pads its 151,665 tokens to 152,064 rows.
+VOCAB_MULTIPLE = 64
+
+
+def _train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    # Qwen2Tokenizer ignores the pipeline stored in tokenizer.json and rebuilds this exact one on load, so training
+    # with any other would give merges that encode differently after reload.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        # Every byte gets a token even if the corpus lacks it, so any text encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def build_tiny_model(texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3000, seed: int = 0) -> None:
+    """Train a tokenizer on ``texts`` and write it with a randomly initialised tiny Qwen2 model to ``out_dir``.
+
+    The folder loads with ``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` and is byte-identical on every
+    rebuild from the same texts, vocabulary size and seed.
+    """
+    tokenizer = Qwen2Tokenizer(
+        # Saved as is, so tokenizer.json keeps the trained pipeline and a reload can be checked against it.
+        tokenizer_object=_train_tokenizer(texts, vocab_size),
+        # Qwen2 has no unk or bos token: byte-level BPE can encode any text, and prompts start with ChatML markers.
+        unk_token=None,
+        bos_token=None,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+
+    config = Qwen2Config(
+        vocab_size=-(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        # As in Qwen2's own config: <|endoftext|> doubles as bos, and ChatML turns end with <|im_end|>.
+        bos_token_id=endoftext_id,
+        eos_token_id=im_end_id,
+        pad_token_id=endoftext_id,
+        dtype=torch.float32,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=endoftext_id, eos_token_id=im_end_id, pad_token_id=endoftext_id
+    )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def corpus_from_jsonl(paths: Iterable[Path]) -> Iterator[str]:
+    """Yield every string in every JSON line of ``paths`` (recursing into objects and arrays), in file order."""
+    for path in paths:
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    yield from _strings(json.loads(line))
