@@ -26,10 +26,19 @@ class Section(BaseModel):
 class ModelParams(Section):
     base: str = Field(min_length=1)
     """A Hugging Face Hub model id, or a local directory under data/sources/."""
-    revision: str = "main"
-    """Branch, tag or commit of a Hub model; fetch records the commit it resolves to."""
+    revision: str | None
+    """Branch, tag or commit of a Hub model (fetch records the commit it resolves to); null for a local directory."""
     max_length: int = Field(ge=64, le=131072)
     load_in_4bit: bool = False
+
+    @model_validator(mode="after")
+    def _revision_matches_location(self) -> ModelParams:
+        local = Path(self.base).is_relative_to(LOCAL_SOURCES_DIR)
+        if local and self.revision is not None:
+            raise ValueError(f"a local base model ({self.base}) has no revision: set model.revision to null")
+        if not local and self.revision is None:
+            raise ValueError(f"the Hub model {self.base!r} needs a revision (a branch, tag or commit)")
+        return self
 
 
 class SourceParams(Section):

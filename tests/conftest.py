@@ -1,0 +1,106 @@
+"""Shared fixtures of the stage tests: params built from recipes/demo.yaml, small hand-written rows, a tiny model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stages.chatml import IM_END, IM_START
+from stages.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM_PROMPT = "You are a human-like AI assistant."
+
+
+def friction_row(
+    row_id: str,
+    question: str = "I keep thinking I should quit my job but",
+    thoughts: tuple[str, ...] = ("They sound tired.", "Last time this came up, money mattered.", "Maybe not yet?"),
+    answer: str = "That sounds heavy. What would you miss if you left?",
+) -> dict[str, Any]:
+    """A row in the friction-* schema (original-recipe.md section 2); `row_id` also makes its text unique."""
+    agents = ["problem_framer", "memory_activator", "mechanism_explorer", "perspective_generator", "synthesizer"]
+    return {
+        "id": row_id,
+        "question": f"{question} ({row_id})",
+        "agent_responses": [
+            {"agent_type": agent, "thought_stream": thought, "friction_moments": []}
+            for agent, thought in zip(agents, thoughts)
+        ],
+        "final_answer": answer,
+        "metadata": {"timestamp": "2025-02-14 10:00:00", "model": "test"},
+    }
+
+
+def reluctance_text(user: str, judging: str = "Is this safe for them?", answer: str = "I'd rather not, but...") -> str:
+    return (
+        f"{IM_START}system\nYou are careful.\n{IM_END}\n"
+        f"{IM_START}user\n{user}\n{IM_END}\n"
+        f"{IM_START}assistant\n<judging>\n{judging}\n</judging>\n{answer}\n{IM_END}\n"
+    )
+
+
+def jsonl_bytes(rows: list[Any]) -> bytes:
+    """JSON Lines: dicts are dumped, str and bytes are written as the raw line (for malformed rows)."""
+    lines = []
+    for row in rows:
+        if isinstance(row, bytes):
+            lines.append(row)
+        elif isinstance(row, str):
+            lines.append(row.encode("utf-8"))
+        else:
+            lines.append(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+    return b"".join(line + b"\n" for line in lines)
+
+
+@pytest.fixture(scope="session")
+def demo_params() -> Params:
+    return load_params(REPO / "recipes/demo.yaml")
+
+
+@pytest.fixture
+def make_params(demo_params: Params) -> Callable[..., Params]:
+    """Params of the demo recipe with other sources (name -> format, or name -> full source dict) and mix settings.
+
+    The result is validated again, so the same rules as for params.yaml apply.
+    """
+
+    def build(sources: dict[str, Any], weights: dict[str, float] | None = None, **mix: Any) -> Params:
+        raw = demo_params.model_dump()
+        raw["data"]["sources"] = {
+            name: spec if isinstance(spec, dict) else {"path": f"data/sources/{name}.jsonl", "format": spec}
+            for name, spec in sources.items()
+        }
+        raw["mix"]["weights"] = weights or {name: 1 / len(sources) for name in sources}
+        raw["mix"].update(mix)
+        return Params.model_validate(raw)
+
+    return build
+
+
+TINY_CORPUS = [
+    "I keep thinking I should quit my job but I'm scared of what comes next.",
+    "My sister never calls me back, and honestly I don't know if I even care anymore...",
+    "Maybe, perhaps, I wonder whether the plan could work. I'm not sure it might.",
+    "The quick brown fox jumps over the lazy dog; 12 foxes, 345 dogs, 6789 cats.",
+    "I disagree. I have to respectfully push back on that, because the numbers don't add up.",
+    "What would you miss if you left? Who would you talk to first? Why now?",
+    "café naïve résumé — it's fine, we'll see; they're here (mostly) [ok] {yes}.",
+    f"{IM_START}system\n{SYSTEM_PROMPT}\n{IM_END}\n",
+    f"{IM_START}user\nShould I text him tonight?\n{IM_END}\n",
+    f"{IM_START}assistant\n<think>\nThey sound tired.\n\nMaybe not yet?\n</think>\nWait until morning.\n{IM_END}\n",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 model whose BPE (~500 tokens) is trained on the sentences above."""
+    from stages.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny-model") / "base"
+    build_tiny_model(TINY_CORPUS * 4, out, vocab_size=500)
+    return out
