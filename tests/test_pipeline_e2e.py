@@ -52,9 +52,9 @@ def test_demo_runs_every_stage_in_order(demo):
     workspace, output = demo
     assert stages_run(output) == STAGES
     assert f"{workspace}/models/adapter/README.md" in output  # make demo ends by saying where things are
-    dag = sh("dvc", "dag", "--md", cwd=workspace)
+    dag = sh("dvc", "dag", "--dot", cwd=workspace)
     for upstream, downstream in zip(STAGES, STAGES[1:]):
-        assert f"{upstream} --> {downstream}" in dag
+        assert f'"{upstream}" -> "{downstream}"' in dag
 
 
 def test_demo_leaves_the_card_recipe_in_params_yaml(demo):
