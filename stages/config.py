@@ -7,8 +7,9 @@ with ruamel's YAML 1.2 loader, as DVC itself does, so `dvc exp run -S train.lear
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,7 +21,8 @@ LOCAL_SOURCES_DIR = Path("data/sources")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "42" is not an int and true is not a float; YAML already gives every scalar its real type.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelParams(Section):
@@ -33,7 +35,7 @@ class ModelParams(Section):
 
     @model_validator(mode="after")
     def _revision_matches_location(self) -> ModelParams:
-        local = Path(self.base).is_relative_to(LOCAL_SOURCES_DIR)
+        local = Path(os.path.normpath(self.base)).is_relative_to(LOCAL_SOURCES_DIR)
         if local and self.revision is not None:
             raise ValueError(f"a local base model ({self.base}) has no revision: set model.revision to null")
         if not local and self.revision is None:
@@ -53,7 +55,7 @@ class SourceParams(Section):
     def _one_location(self) -> SourceParams:
         if (self.hub is None) == (self.path is None):
             raise ValueError("give exactly one of 'hub' or 'path'")
-        if self.path is not None and not Path(self.path).is_relative_to(LOCAL_SOURCES_DIR):
+        if self.path is not None and not Path(os.path.normpath(self.path)).is_relative_to(LOCAL_SOURCES_DIR):
             # fetch declares data/sources as its DVC dependency; a file elsewhere would change unnoticed.
             raise ValueError(f"local path {self.path!r} must be inside {LOCAL_SOURCES_DIR}/")
         return self
@@ -64,7 +66,7 @@ class DataParams(Section):
 
 
 class MixParams(Section):
-    weights: dict[str, float]
+    weights: dict[str, Annotated[float, Field(ge=0)]]
     """Share of the mixed examples drawn from each source; keys are the names in data.sources."""
     target_max: int = Field(ge=1)
     target_fraction: float = Field(gt=0, le=1)
@@ -72,13 +74,6 @@ class MixParams(Section):
     validation_fraction: float = Field(gt=0, lt=1)
     system_prompt: str = Field(min_length=1)
     on_bad_rows: Literal["drop", "fail"] = "drop"
-
-    @model_validator(mode="after")
-    def _weights_non_negative(self) -> MixParams:
-        for name, weight in self.weights.items():
-            if weight < 0:
-                raise ValueError(f"weight of {name!r} is negative ({weight})")
-        return self
 
 
 class PackParams(Section):
