@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
 )
 
 from stages.artifacts import atomic_output, sha256_file, write_json
-from stages.config import ModelParams, Params, SourceParams
+from stages.config import LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams
 
 # Weights, configs and tokenizer files; skips the original checkpoints and other formats some repos also carry.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -53,6 +53,8 @@ def hub_snapshot(repo_id: str, revision: str, repo_type: str, **kwargs) -> Path:
 def fetch_source(name: str, source: SourceParams, out_dir: Path) -> dict:
     target = out_dir / f"{name}.jsonl"
     if source.path is not None:
+        if not Path(source.path).is_file():
+            raise click.ClickException(f"data.sources.{name}.path: {source.path} is not a file")
         shutil.copyfile(source.path, target)
         resolved = None
     else:
@@ -84,6 +86,11 @@ def fetch_base_model(model: ModelParams) -> dict:
             "resolved_revision": None,
             "files": {str(p.relative_to(location)): sha256_file(p) for p in files},
         }
+    if location.is_relative_to(LOCAL_SOURCES_DIR):
+        # Not a Hub id: snapshot_download would fail on the repo id with a traceback.
+        raise click.ClickException(
+            f"model.base: {model.base} is not a directory (the demo recipe's is made by `friction demo-base`)"
+        )
     snapshot = hub_snapshot(model.base, model.revision, "model", allow_patterns=MODEL_FILES)
     return {
         "location": model.base,
