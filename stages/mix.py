@@ -40,9 +40,9 @@ class Example:
 
 
 def _text(row: dict, key: str) -> str:
-    if key not in row:
+    value = row.get(key)
+    if value is None:  # a Hub dataset's Arrow table turns a missing field into null
         raise BadRow(f"missing field '{key}'")
-    value = row[key]
     if not isinstance(value, str):
         raise BadRow(f"field '{key}' is {type(value).__name__}, not a string")
     if not value.strip():
