@@ -77,15 +77,16 @@ def pack_split(examples: list[dict], tokenizer: PreTrainedTokenizerBase, params:
     truncated = dropped = 0
     for example in examples:
         tokens = tokenize(example["messages"], tokenizer)
-        if len(tokens.input_ids) > capacity:
+        overflows = len(tokens.input_ids) > capacity
+        if overflows:
             if params.pack.overflow == "drop":
                 dropped += 1
                 continue
-            truncated += 1
             tokens = Tokenized(tokens.input_ids[:capacity], tokens.labels[:capacity])
         if all(label == IGNORE_INDEX for label in tokens.labels):
             dropped += 1  # truncation cut the whole assistant turn: nothing left to learn from
             continue
+        truncated += overflows  # counted once: an example cut and then dropped is only dropped
         kept.append(tokens)
 
     lengths = [len(t.input_ids) for t in kept]
