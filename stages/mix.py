@@ -29,7 +29,11 @@ CHATML_TURN = re.compile(re.escape(IM_START) + r"(system|user|assistant)\n(.*?)\
 
 
 class BadRow(Exception):
-    """A row that cannot become a training example; the message is its drop reason."""
+    """A row that cannot become a training example: `kind` names the reason in reports, the message details it."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -42,13 +46,13 @@ class Example:
 def _text(row: dict, key: str) -> str:
     value = row.get(key)
     if value is None:  # a Hub dataset's Arrow table turns a missing field into null
-        raise BadRow(f"missing field '{key}'")
+        raise BadRow("missing_field", f"missing field '{key}'")
     if not isinstance(value, str):
-        raise BadRow(f"field '{key}' is {type(value).__name__}, not a string")
+        raise BadRow("wrong_type", f"field '{key}' is {type(value).__name__}, not a string")
     if not value.strip():
-        raise BadRow(f"empty field '{key}'")
+        raise BadRow("empty_field", f"empty field '{key}'")
     if GENERATOR_ERROR.match(value):
-        raise BadRow(f"generator error in '{key}'")
+        raise BadRow("generator_error", f"generator error in '{key}'")
     return value
 
 
@@ -57,11 +61,11 @@ def friction_messages(row: dict, system_prompt: str) -> list[dict[str, str]]:
     question = _text(row, "question")
     agents = row.get("agent_responses")
     if agents is None:
-        raise BadRow("missing field 'agent_responses'")
+        raise BadRow("missing_field", "missing field 'agent_responses'")
     if not isinstance(agents, list) or not all(isinstance(agent, dict) for agent in agents):
-        raise BadRow("field 'agent_responses' is not a list of objects")
+        raise BadRow("wrong_type", "field 'agent_responses' is not a list of objects")
     if not agents:
-        raise BadRow("empty field 'agent_responses'")
+        raise BadRow("empty_field", "empty field 'agent_responses'")
     thoughts = "\n\n".join(_text(agent, "thought_stream") for agent in agents)
     answer = _text(row, "final_answer")
     return [
@@ -76,13 +80,13 @@ def reluctance_messages(row: dict) -> list[dict[str, str]]:
     text = _text(row, "text").replace("<judging>", THINK_OPEN).replace("</judging>", THINK_CLOSE)
     messages = [{"role": role, "content": content} for role, content in CHATML_TURN.findall(text)]
     if not any(message["role"] == "assistant" for message in messages):
-        raise BadRow("no assistant turn in 'text'")
+        raise BadRow("no_assistant_turn", "no assistant turn in 'text'")
     for message in messages:
         reply = message["content"].rpartition(THINK_CLOSE)[2]
         if not message["content"].strip() or not reply.strip():
-            raise BadRow(f"empty {message['role']} turn in 'text'")
+            raise BadRow("empty_field", f"empty {message['role']} turn in 'text'")
         if GENERATOR_ERROR.match(reply.lstrip("\n")):
-            raise BadRow(f"generator error in {message['role']} turn of 'text'")
+            raise BadRow("generator_error", f"generator error in {message['role']} turn of 'text'")
     return messages
 
 
@@ -97,17 +101,17 @@ def read_source(path: Path, name: str, source_format: str, system_prompt: str) -
                 try:
                     row = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError:
-                    raise BadRow("not valid UTF-8") from None
+                    raise BadRow("invalid_utf8", "not valid UTF-8") from None
                 except json.JSONDecodeError:
-                    raise BadRow("not valid JSON") from None
+                    raise BadRow("invalid_json", "not valid JSON") from None
                 if not isinstance(row, dict):
-                    raise BadRow("not a JSON object")
+                    raise BadRow("wrong_type", "not a JSON object")
                 if source_format == "friction":
                     messages = friction_messages(row, system_prompt)
                 else:
                     messages = reluctance_messages(row)
-            except BadRow as reason:
-                dropped.append({"source": name, "line": line_number, "reason": str(reason)})
+            except BadRow as bad:
+                dropped.append({"source": name, "line": line_number, "reason": bad.kind, "detail": str(bad)})
                 continue
             row_id = row.get("id")
             examples.append(Example(str(row_id) if row_id is not None else f"{name}:{line_number}", name, messages))
@@ -120,17 +124,14 @@ def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Exampl
     for example in examples:
         key = hashlib.sha256(render(example.messages)[0].encode()).hexdigest()
         if key in seen:
+            first = seen[key]
             dropped.append(
-                {"source": example.source, "id": example.id, "reason": f"duplicate of {seen[key].source}:{seen[key].id}"}
-            )
+                {"source": example.source, "id": example.id, "reason": "duplicate",
+                 "detail": f"duplicate of {first.source}:{first.id}"}
+            )  # fmt: skip
         else:
             seen[key] = example
     return list(seen.values())
-
-
-def reason_kind(reason: str) -> str:
-    """Group reasons for the report: 'duplicate of x:1' and 'duplicate of y:2' are one kind."""
-    return reason.split(" of ")[0] if reason.startswith("duplicate") else reason
 
 
 def sample(examples: list[Example], params: Params) -> tuple[Dataset, dict]:
@@ -168,7 +169,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) -> Non
         first = dropped[0]
         where = f"line {first['line']}" if "line" in first else f"id {first['id']}"
         raise click.ClickException(
-            f"{raw_dir}/{first['source']}.jsonl {where}: {first['reason']} "
+            f"{raw_dir}/{first['source']}.jsonl {where}: {first['detail']} "
             f"({len(dropped)} bad rows in all; set mix.on_bad_rows: drop to skip them)"
         )
 
@@ -176,7 +177,7 @@ def run(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) -> Non
     split = mixed.train_test_split(test_size=params.mix.validation_fraction, seed=params.seed)
 
     for name in params.data.sources:
-        reasons = Counter(reason_kind(d["reason"]) for d in dropped if d["source"] == name)
+        reasons = Counter(d["reason"] for d in dropped if d["source"] == name)
         kept = sum(1 for e in examples if e.source == name)
         report["sources"][name].update(rows_in=rows_in[name], kept=kept, dropped=dict(sorted(reasons.items())))
         if rows_in[name] != kept + sum(reasons.values()):

@@ -174,27 +174,15 @@ def dirty_sources() -> dict[str, list]:
 EXPECTED_DROPS = {
     "fr_a": {
         "duplicate": 1,
-        "empty field 'agent_responses'": 1,
-        "empty field 'final_answer'": 1,
-        "empty field 'question'": 1,
-        "field 'agent_responses' is not a list of objects": 1,
-        "field 'question' is int, not a string": 1,
-        "generator error in 'final_answer'": 1,
-        "generator error in 'thought_stream'": 1,
-        "missing field 'final_answer'": 2,
-        "missing field 'thought_stream'": 1,
-        "not a JSON object": 1,
-        "not valid JSON": 1,
-        "not valid UTF-8": 1,
+        "empty_field": 3,
+        "generator_error": 2,
+        "invalid_json": 1,
+        "invalid_utf8": 1,
+        "missing_field": 3,
+        "wrong_type": 3,
     },
     "fr_b": {"duplicate": 1},
-    "re_a": {
-        "duplicate": 1,
-        "empty assistant turn in 'text'": 1,
-        "generator error in assistant turn of 'text'": 1,
-        "missing field 'text'": 1,
-        "no assistant turn in 'text'": 1,
-    },
+    "re_a": {"duplicate": 1, "empty_field": 1, "generator_error": 1, "missing_field": 1, "no_assistant_turn": 1},
     "re_b": {"duplicate": 1},
 }
 
@@ -217,7 +205,7 @@ def test_every_dirty_row_is_dropped_with_a_reason_and_counted(workspace: Path, m
     assert {(d["source"], d["line"]) for d in dropped if "line" in d} == {
         ("fr_a", n) for n in (2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16)
     } | {("re_a", n) for n in (2, 4, 5, 6)}
-    duplicates = sorted((d["source"], d["id"], d["reason"]) for d in dropped if "line" not in d)
+    duplicates = sorted((d["source"], d["id"], d["detail"]) for d in dropped if "line" not in d)
     assert duplicates == [
         ("fr_a", "a1", "duplicate of fr_a:a1"),
         ("fr_b", "a17", "duplicate of fr_a:a17"),
