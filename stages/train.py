@@ -19,9 +19,9 @@ import torch
 from datasets import Dataset
 from dvclive import Live
 from peft import LoraConfig, get_peft_model
-from transformers import EarlyStoppingCallback, set_seed
-from transformers.integrations import DVCLiveCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from stages.artifacts import sha256_file, write_json
@@ -39,14 +39,54 @@ def run_fingerprint(params: Params, packed_dir: Path, manifest_path: Path) -> st
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> str | None:
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """The latest complete checkpoint of a run with the same fingerprint; otherwise start the directory afresh."""
     stamp = checkpoint_dir / "fingerprint.txt"
     if checkpoint_dir.is_dir() and stamp.is_file() and stamp.read_text() == fingerprint:
-        return get_last_checkpoint(str(checkpoint_dir))
+        # The trainer writes trainer_state.json last: a checkpoint killed while being saved lacks it.
+        complete = [path.parent for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}")]
+        if complete:
+            return max(complete, key=lambda path: int(path.name.rpartition("-")[2]))
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
     stamp.write_text(fingerprint)
     return None
+
+
+class LiveLog(TrainerCallback):
+    """Logs loss, eval loss and learning rate to dvclive against the optimizer step.
+
+    On resume the trainer's restored history is replayed first, so the plots show one unbroken run.
+    """
+
+    LOGGED = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
+              "eval_loss": "eval/loss"}  # fmt: skip
+
+    def __init__(self, live_dir: Path) -> None:
+        self.live_dir = live_dir
+        self.live: Live | None = None
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        shutil.rmtree(self.live_dir, ignore_errors=True)
+        self.live = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False)
+        for entry in state.log_history:
+            self._log(entry)
+        self.tokens_at_start = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        self._log({**logs, "step": state.global_step})
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self.live.end()
+
+    def _log(self, entry: dict) -> None:
+        logged = {name: entry[key] for key, name in self.LOGGED.items() if key in entry}
+        if logged:
+            self.live.step = entry["step"]
+            for name, value in logged.items():
+                self.live.log_metric(name, value)
+            self.live.make_summary()
 
 
 def sft_config(params: Params, checkpoint_dir: Path) -> SFTConfig:
@@ -78,6 +118,7 @@ def sft_config(params: Params, checkpoint_dir: Path) -> SFTConfig:
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         logging_steps=train.logging_steps,
+        include_num_input_tokens_seen=True,
         seed=params.seed,
         data_seed=params.seed,
         # Rows are packed by the pack stage: no tokenization, truncation or packing here.
@@ -127,8 +168,7 @@ def run(
     trainable, total = model.get_nb_trainable_parameters()
     click.echo(f"train: {trainable:,} trainable of {total:,} parameters on {device_name()}")
 
-    shutil.rmtree(live_dir, ignore_errors=True)
-    live = Live(str(live_dir), dvcyaml=None, save_dvc_exp=False, resume=False)
+    live_log = LiveLog(live_dir)
     trainer = SFTTrainer(
         model=model,
         args=sft_config(params, checkpoint_dir),
@@ -137,11 +177,10 @@ def run(
         processing_class=tokenizer,
         callbacks=[
             EarlyStoppingCallback(params.train.early_stopping_patience, params.train.early_stopping_threshold),
-            DVCLiveCallback(live=live),
+            live_log,
         ],
     )
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    live.end()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(adapter_dir))
@@ -155,7 +194,6 @@ def run(
         metrics_path,
         {
             "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
-            "mean_train_loss": result.training_loss,
             "best_eval_loss": best_loss,
             "best_eval_epoch": best_epoch,
             "epochs_run": trainer.state.epoch,
@@ -163,10 +201,7 @@ def run(
             "stopped_early": trainer.state.global_step < trainer.state.max_steps,
             "runtime_s": round(time.perf_counter() - started, 1),
             "train_tokens_per_s": round(
-                sum(len(ids) for ids in trainer.train_dataset["input_ids"])
-                * trainer.state.epoch
-                / result.metrics["train_runtime"],
-                1,
+                (trainer.state.num_input_tokens_seen - live_log.tokens_at_start) / result.metrics["train_runtime"], 1
             ),
             "peak_memory_mb": round(peak_memory_mb(), 1),
             "trainable_parameters": trainable,

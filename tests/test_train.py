@@ -1,0 +1,118 @@
+"""train: a run killed midway resumes from its last complete checkpoint and ends exactly where an unbroken run does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ruamel.yaml import YAML
+from safetensors.torch import load_file
+
+from stages.train import LiveLog, resumable_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS, EVAL_STEPS = 24, 4
+
+
+def friction(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
+    return subprocess.Popen(["friction", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output = process.communicate(timeout=600)[0].decode()
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def packed_workspace(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    """A workspace holding the demo recipe's packed data, with a short training schedule."""
+    workspace = tmp_path_factory.mktemp("train") / "packed"
+    shutil.copytree(REPO / "data/sources/demo", workspace / "data/sources/demo")
+    shutil.copytree(tiny_model_dir, workspace / "data/sources/demo-base")
+    yaml = YAML()
+    params = yaml.load(REPO / "recipes/demo.yaml")
+    params["train"].update(max_steps=MAX_STEPS, eval_steps=EVAL_STEPS, logging_steps=1, early_stopping_patience=100)
+    params["model"]["max_length"] = 512
+    yaml.dump(params, workspace / "params.yaml")
+    for stage in ("fetch", "mix", "pack"):
+        finish(friction(stage, cwd=workspace))
+    return workspace
+
+
+def copy_of(workspace: Path, name: str) -> Path:
+    copy = workspace.with_name(name)
+    shutil.copytree(workspace, copy)
+    return copy
+
+
+def adapter_weights(workspace: Path) -> dict[str, torch.Tensor]:
+    return load_file(workspace / "models/adapter/adapter_model.safetensors")
+
+
+def test_killed_run_resumes_and_matches_an_unbroken_run(packed_workspace: Path):
+    unbroken = copy_of(packed_workspace, "unbroken")
+    finish(friction("train", cwd=unbroken))
+
+    broken = copy_of(packed_workspace, "broken")
+    process = friction("train", cwd=broken)
+    checkpoint = broken / f"models/checkpoints/checkpoint-{2 * EVAL_STEPS}/trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (broken / "models/adapter").exists()
+
+    output = finish(friction("train", cwd=broken))
+    assert "resuming from models/checkpoints/checkpoint-" in output
+
+    expected, resumed = (json.loads((w / "metrics/train.json").read_text()) for w in (unbroken, broken))
+    for key in ("final_train_loss", "best_eval_loss", "best_eval_epoch", "steps", "epochs_run"):
+        assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
+    expected_weights, resumed_weights = adapter_weights(unbroken), adapter_weights(broken)
+    assert expected_weights.keys() == resumed_weights.keys()
+    for name, tensor in expected_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # The dvclive curves of the resumed run are the unbroken run's: history replayed, nothing logged twice.
+    for curve in ("train/loss.tsv", "eval/loss.tsv"):
+        unbroken_rows = (unbroken / "dvclive/plots/metrics" / curve).read_text().splitlines()
+        resumed_rows = (broken / "dvclive/plots/metrics" / curve).read_text().splitlines()
+        assert [row.split("\t")[0] for row in resumed_rows] == [row.split("\t")[0] for row in unbroken_rows]
+
+
+def test_checkpoints_of_other_inputs_or_half_written_are_not_resumed(tmp_path: Path):
+    checkpoints = tmp_path / "checkpoints"
+    assert resumable_checkpoint(checkpoints, "run-a") is None
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (checkpoints / f"checkpoint-{step}").mkdir()
+        if complete:
+            (checkpoints / f"checkpoint-{step}/trainer_state.json").write_text("{}")
+    assert resumable_checkpoint(checkpoints, "run-a") == checkpoints / "checkpoint-8"
+    assert resumable_checkpoint(checkpoints, "run-b") is None  # other params or data: start afresh
+    assert list(checkpoints.iterdir()) == [checkpoints / "fingerprint.txt"]
+
+
+def test_live_log_names_the_curves_by_optimizer_step(tmp_path: Path):
+    class State:
+        log_history = [{"loss": 2.0, "learning_rate": 1e-3, "step": 1}, {"eval_loss": 1.5, "step": 2}]
+        num_input_tokens_seen = 0
+        global_step = 3
+
+    log = LiveLog(tmp_path / "live")
+    log.on_train_begin(None, State(), None)
+    log.on_log(None, State(), None, logs={"loss": 1.0, "train_runtime": 9.0})
+    log.on_train_end(None, State(), None)
+    metrics = tmp_path / "live/plots/metrics"
+    assert (metrics / "train/loss.tsv").read_text().split() == ["step", "loss", "1", "2.0", "3", "1.0"]
+    assert (metrics / "eval/loss.tsv").read_text().split() == ["step", "loss", "2", "1.5"]
+    assert not (metrics / "train/train_runtime.tsv").exists()
