@@ -14,6 +14,7 @@ from stages.artifacts import read_json
 from stages.config import Params
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
+LOSS_PLOT = "loss_curves.png"
 # The friction metrics shown on the card; the full set is in metrics/evaluate.json.
 CARD_FRICTION_KEYS = [
     "answer_pushback_rate",
@@ -73,10 +74,40 @@ def build(params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: P
         train_metrics=train_metrics,
         evaluation=evaluation,
         friction_keys=CARD_FRICTION_KEYS,
+        loss_plot=LOSS_PLOT,
     )
 
 
-def run(params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, card_path: Path) -> None:
+def read_curve(path: Path) -> tuple[list[int], list[float]]:
+    """One dvclive metric: its TSV has a header, then `step<TAB>value` rows."""
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line]
+    return [int(step) for step, _ in rows], [float(value) for _, value in rows]
+
+
+def plot_losses(live_dir: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display, and no font cache warnings from interactive backends
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
+    for name, label in (("train/loss", "training loss"), ("eval/loss", "validation loss")):
+        path = live_dir / "plots/metrics" / f"{name}.tsv"
+        if path.is_file():
+            axes.plot(*read_curve(path), marker="o" if name.startswith("eval") else None, label=label)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(out, metadata={"Software": None})
+    pyplot.close(figure)
+
+
+def run(
+    params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, live_dir: Path, card_path: Path
+) -> None:
+    plot_losses(live_dir, card_path.with_name(LOSS_PLOT))
     card = build(params, metrics_dir, manifest_path, adapter_dir)
     card.save(card_path)
     click.echo(f"card: {card_path}")

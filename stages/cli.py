@@ -96,13 +96,14 @@ def evaluate(packed: Path, manifest: Path, adapter: Path, prompts: Path, samples
 @path_option("--metrics-dir", str(METRICS), "Metrics of mix, pack, train and evaluate.")
 @path_option("--manifest", str(MANIFEST), "Output of fetch.")
 @path_option("--adapter", str(ADAPTER), "The adapter the card describes.")
-@path_option("--out", str(ADAPTER / "README.md"), "The model card.")
-def card(metrics_dir: Path, manifest: Path, adapter: Path, out: Path) -> None:
+@path_option("--live", "dvclive", "dvclive logs of train (loss curves).")
+@path_option("--out", str(ADAPTER / "README.md"), "The model card; the loss plot goes beside it.")
+def card(metrics_dir: Path, manifest: Path, adapter: Path, live: Path, out: Path) -> None:
     """Write the adapter's model card."""
     params = load_params()
     from stages import card as stage
 
-    stage.run(params, metrics_dir, manifest, adapter, out)
+    stage.run(params, metrics_dir, manifest, adapter, live, out)
 
 
 @main.command("demo-base")
