@@ -57,6 +57,7 @@ def build(params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: P
         card_data,
         template_path=str(TEMPLATE),
         model_name=params.card.model_name,
+        recipe=params.recipe,
         base_model=base["location"],
         base_revision=base["resolved_revision"],
         license=params.card.license,

@@ -128,6 +128,8 @@ class CardParams(Section):
 
 
 class Params(Section):
+    recipe: str = Field(min_length=1)
+    """The recipe's name (recipes/<name>.yaml); the card says which one it ran."""
     seed: int = Field(ge=0)
     model: ModelParams
     data: DataParams
