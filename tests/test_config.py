@@ -22,6 +22,16 @@ def test_shipped_recipes_validate(path: Path) -> None:
     assert set(params.mix.weights) == set(params.data.sources)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda path: path.stem)
+def test_each_recipe_says_where_its_numbers_come_from_and_names_itself(path: Path) -> None:
+    assert path.read_text(encoding="utf-8").startswith("# "), f"{path.name} must open with a provenance comment"
+    assert load_params(path).recipe == path.stem
+
+
+def test_committed_params_are_the_card_recipe() -> None:
+    assert (REPO / "params.yaml").read_bytes() == (REPO / "recipes/card.yaml").read_bytes()
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(text, encoding="utf-8")
