@@ -12,6 +12,9 @@ IM_END = "<|im_end|>"
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
+# The label of a token that is not trained on: what PyTorch's cross-entropy (and so every trainer) ignores.
+IGNORE_INDEX = -100
+
 # Jinja twin of `render`, saved with every tokenizer we write so `apply_chat_template` reproduces training text.
 # The {% generation %} markers make it usable with TRL's assistant_only_loss too.
 CHAT_TEMPLATE = (
@@ -32,6 +35,11 @@ def assistant_content(thoughts: str, answer: str) -> str:
     return f"{THINK_OPEN}\n{thoughts}\n{THINK_CLOSE}\n{answer}"
 
 
+def _turn(message: dict[str, str]) -> tuple[str, str]:
+    """A turn's header and body; `render` puts a newline after the body."""
+    return f"{IM_START}{message['role']}\n", f"{message['content']}\n{IM_END}"
+
+
 def render(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """Render a conversation; return the text and the (start, end) character spans that are trained on.
 
@@ -39,16 +47,23 @@ def render(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
-    cursor = 0
-    for message in messages:
-        header = f"{IM_START}{message['role']}\n"
-        body = f"{message['content']}\n{IM_END}"
+    for message, start in zip(messages, turn_starts(messages)):
+        header, body = _turn(message)
         parts += [header, body, "\n"]
         if message["role"] == "assistant":
-            start = cursor + len(header)
-            spans.append((start, start + len(body)))
-        cursor += len(header) + len(body) + 1
+            spans.append((start + len(header), start + len(header) + len(body)))
     return "".join(parts), spans
+
+
+def turn_starts(messages: list[dict[str, str]]) -> list[int]:
+    """The character offset in `render`'s text where each message's turn (its ``<|im_start|>`` header) begins."""
+    starts: list[int] = []
+    cursor = 0
+    for message in messages:
+        starts.append(cursor)
+        header, body = _turn(message)
+        cursor += len(header) + len(body) + 1
+    return starts
 
 
 def generation_prompt(messages: list[dict[str, str]]) -> str:

@@ -1,31 +1,80 @@
-"""mix: normalise every source row to one conversation schema, sample the mixture, split train/validation.
+"""mix: normalise every source row to one conversation schema, tokenize it once, sample the mixture, split it.
 
-Each row becomes {"id", "source", "messages": [system, user, assistant]} with the reasoning in a <think> block.
-Rows that cannot be trained on are dropped with a reason (or stop the stage with `mix.on_bad_rows: fail`), so the
-report accounts for every input row: rows in = kept + dropped. Sampling follows the original code: ask for
-min(target_max, int(target_fraction x clean rows)) examples, n_i = min(int(asked x weight_i), rows_i), each source
-shuffled with the seed and cut, the union shuffled again. The split is by example, before packing, so no example
-can be in both splits.
+1. Clean. Each row becomes {"id", "source", "messages": [system, user, assistant]} with the reasoning in a <think>
+   block. Rows that cannot be trained on are dropped with a reason (or stop the stage with `mix.on_bad_rows: fail`);
+   a row whose rendered text is identical to an earlier one, in any source, is a duplicate.
+2. Tokenize, the only tokenization pass of the pipeline, with the base model's tokenizer as fetch pinned it:
+   `input_ids` of the rendered conversation, `labels` (a token's id where the token starts inside an assistant
+   turn's content or its closing <|im_end|>, -100 elsewhere) and `user_starts` (the token index of every user turn's
+   header, which pack's `stacked` masking needs). A row's token count is len(input_ids).
+3. Rows longer than model.max_length: under `pack.overflow: drop` they are dirty rows (`over_max_length`), dropped
+   here before sampling so the target is met by usable rows; under truncate or split they are kept, counted per
+   source (`over_max_length`), and pack cuts them.
+4. Sample. asked = min(target_max, int(target_fraction x clean rows)); per source, rows asked = int(asked x w) and
+   tokens asked = int(budget x w), where budget = floor(asked x clean tokens / clean rows), i.e. asked times the
+   mean tokens of a clean row over all sources. Each source's rows are shuffled with the seed (datasets'
+   Dataset.shuffle), then a prefix of that order is kept:
+   - `weighting: examples` (the original code): the first min(rows asked, rows) rows; capped when rows < rows asked.
+   - `weighting: tokens` (the card's claim): the longest prefix whose tokens sum to at most tokens asked, so the walk
+     stops at the first row that would pass the share (never skipping it for a shorter one); capped when the
+     source's clean tokens are fewer than tokens asked.
+   Weights are never renormalised and a capped source's shortfall is not made up by the others. The kept rows of
+   all sources, concatenated in source order, are shuffled again with the seed. "Clean rows" are those left after
+   step 3. The report gives rows (asked, sampled) and tokens (tokens_asked, tokens) in both modes; the weighting
+   decides which ask binds and what `capped` means.
+5. Split by example into train/validation (datasets' train_test_split with the seed), before packing, so no example
+   is in both.
+
+The report accounts for every input row: per source rows_in = kept + sum(dropped by reason).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
 import click
-from datasets import Dataset, concatenate_datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from stages.artifacts import atomic_output, read_json, write_json
-from stages.chatml import IM_END, IM_START, THINK_CLOSE, THINK_OPEN, assistant_content, render
+from stages.artifacts import atomic_output, base_model_reference, read_json, write_json
+from stages.chatml import (
+    IGNORE_INDEX,
+    IM_END,
+    IM_START,
+    THINK_CLOSE,
+    THINK_OPEN,
+    assistant_content,
+    render,
+    turn_starts,
+)
 from stages.config import Params
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
-CHATML_TURN = re.compile(re.escape(IM_START) + r"(system|user|assistant)\n(.*?)\n?" + re.escape(IM_END), re.S)
+CHATML_TURN = re.compile(re.escape(IM_START) + r"(system|user|assistant)\n(.*?)\n?" + re.escape(IM_END), re.DOTALL)
+
+TOKEN_IDS = pa.list_(pa.int32())
+MIXED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("input_ids", TOKEN_IDS),
+        ("labels", TOKEN_IDS),
+        ("user_starts", TOKEN_IDS),
+    ]
+)
+
+T = TypeVar("T")
 
 
 class BadRow(Exception):
@@ -40,7 +89,28 @@ class BadRow(Exception):
 class Example:
     id: str
     source: str
+    line: int
     messages: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    user_starts: list[int]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    example: Example
+    tokens: Tokenized
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens.input_ids)
+
+
+# --- reading and cleaning -------------------------------------------------------------------------------------
 
 
 def _text(row: dict, key: str) -> str:
@@ -114,7 +184,8 @@ def read_source(path: Path, name: str, source_format: str, system_prompt: str) -
                 dropped.append({"source": name, "line": line_number, "reason": bad.kind, "detail": str(bad)})
                 continue
             row_id = row.get("id")
-            examples.append(Example(str(row_id) if row_id is not None else f"{name}:{line_number}", name, messages))
+            row_id = str(row_id) if row_id is not None else f"{name}:{line_number}"
+            examples.append(Example(row_id, name, line_number, messages))
     return examples, dropped
 
 
@@ -134,68 +205,212 @@ def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Exampl
     return list(seen.values())
 
 
-def sample(examples: list[Example], params: Params) -> tuple[Dataset, dict]:
-    by_source = {name: [e for e in examples if e.source == name] for name in params.data.sources}
+# --- tokenizing -----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
+    try:
+        location, revision = base_model_reference(manifest_path)
+    except KeyError as missing:
+        raise click.ClickException(f"{manifest_path}: no base_model key {missing}; rerun fetch") from None
+    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    if not tokenizer.is_fast:
+        raise click.ClickException(f"mix: the tokenizer of {location} has no fast version; offsets are needed")
+    return tokenizer
+
+
+def tokenize(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Tokenized:
+    """Token ids of the rendered conversation, labelled where a token starts inside an assistant span."""
+    text, spans = render(messages)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    labels = []
+    for token_id, (start, _end) in zip(encoding["input_ids"], offsets, strict=True):
+        trained = any(span_start <= start < span_end for span_start, span_end in spans)
+        labels.append(token_id if trained else IGNORE_INDEX)
+    # A user turn starts at the token holding its header's first character (or the first token after it).
+    ends = [end for _start, end in offsets]
+    user_starts = [
+        bisect.bisect_right(ends, start)
+        for message, start in zip(messages, turn_starts(messages))
+        if message["role"] == "user"
+    ]
+    return Tokenized(encoding["input_ids"], labels, user_starts)
+
+
+def drop_over_length(encoded: list[Encoded], max_length: int, dropped: list[dict]) -> list[Encoded]:
+    """Under pack.overflow: drop, a row pack could not take whole is a bad row, dropped before sampling."""
+    kept = []
+    for row in encoded:
+        if row.length > max_length:
+            dropped.append(
+                {"source": row.example.source, "line": row.example.line, "id": row.example.id,
+                 "reason": "over_max_length", "detail": f"{row.length} tokens, over model.max_length {max_length}"}
+            )  # fmt: skip
+        else:
+            kept.append(row)
+    return kept
+
+
+def stop_on_bad_rows(dropped: list[dict], raw_dir: Path) -> NoReturn:
+    first = dropped[0]
+    where = f"line {first['line']}" if "line" in first else f"id {first['id']}"
+    raise click.ClickException(
+        f"{raw_dir}/{first['source']}.jsonl {where}: {first['detail']} "
+        f"({len(dropped)} bad rows in all; set mix.on_bad_rows: drop to skip them)"
+    )
+
+
+# --- sampling and splitting -----------------------------------------------------------------------------------
+
+
+def shuffled(items: Sequence[T], seed: int) -> list[T]:
+    """`items` in the order datasets' Dataset.shuffle(seed=seed) gives a table of them (the original's shuffle)."""
+    if not items:
+        return []
+    order = Dataset.from_dict({"position": range(len(items))}).shuffle(seed=seed)["position"]
+    return [items[position] for position in order]
+
+
+def train_validation_split(items: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """datasets' train_test_split(test_size=validation_fraction, seed=seed) of a table of `items`."""
+    positions = Dataset.from_dict({"position": range(len(items))})
+    split = positions.train_test_split(test_size=validation_fraction, seed=seed)
+    return [items[p] for p in split["train"]["position"]], [items[p] for p in split["test"]["position"]]
+
+
+def rows_within(rows: list[Encoded], token_limit: int) -> int:
+    """How many leading rows fit in `token_limit` tokens: the walk stops at the first row that would pass it."""
+    total = 0
+    for count, row in enumerate(rows):
+        total += row.length
+        if total > token_limit:
+            return count
+    return len(rows)
+
+
+def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[Encoded], dict]:
+    """The mixture in its final order, and the report's sampling numbers (rules in the module docstring)."""
     available = sum(len(rows) for rows in by_source.values())
+    available_tokens = sum(row.length for rows in by_source.values() for row in rows)
     asked_total = min(params.mix.target_max, int(params.mix.target_fraction * available))
+    budget = asked_total * available_tokens // available if available else 0
+    by_tokens = params.mix.weighting == "tokens"
     parts, report = [], {}
     for name, rows in by_source.items():
-        asked = int(asked_total * params.mix.weights[name])
-        taken = min(asked, len(rows))
-        report[name] = {"available": len(rows), "asked": asked, "sampled": taken, "capped": taken < asked}
-        if taken:
-            table = Dataset.from_list([{"id": e.id, "source": e.source, "messages": e.messages} for e in rows])
-            parts.append(table.shuffle(seed=params.seed).select(range(taken)))
+        weight = params.mix.weights[name]
+        asked, tokens_asked = int(asked_total * weight), int(budget * weight)
+        source_tokens = sum(row.length for row in rows)
+        order = shuffled(rows, params.seed)
+        taken = order[: rows_within(order, tokens_asked) if by_tokens else min(asked, len(rows))]
+        parts += taken
+        report[name] = {
+            "available": len(rows),
+            "available_tokens": source_tokens,
+            "asked": asked,
+            "sampled": len(taken),
+            "tokens_asked": tokens_asked,
+            "tokens": sum(row.length for row in taken),
+            "capped": source_tokens < tokens_asked if by_tokens else len(rows) < asked,
+            "empty": not rows,
+        }
     if not parts:
         raise click.ClickException("mix: no examples sampled; check data.sources and mix.weights in params.yaml")
-    mixed = concatenate_datasets(parts).shuffle(seed=params.seed).flatten_indices()
-    summary = {"available": available, "asked": asked_total, "sampled": len(mixed)}
-    return mixed, {"sources": report, **summary}
+    sampled_tokens = sum(row.length for row in parts)
+    for counts in report.values():
+        counts["token_share"] = round(counts["tokens"] / sampled_tokens, 4)
+    summary = {
+        "weighting": params.mix.weighting,
+        "available": available,
+        "available_tokens": available_tokens,
+        "asked": asked_total,
+        "tokens_asked": budget,
+        "sampled": len(parts),
+        "tokens": sampled_tokens,
+    }
+    return shuffled(parts, params.seed), {"sources": report, **summary}
 
 
-def run(params: Params, raw_dir: Path, out_dir: Path, metrics_path: Path) -> None:
-    manifest = read_json(raw_dir / "manifest.json")
+# --- writing --------------------------------------------------------------------------------------------------
+
+
+def write_parquet(rows: list[Encoded], path: Path) -> None:
+    columns = {
+        "id": [row.example.id for row in rows],
+        "source": [row.example.source for row in rows],
+        "messages": [row.example.messages for row in rows],
+        "input_ids": [row.tokens.input_ids for row in rows],
+        "labels": [row.tokens.labels for row in rows],
+        "user_starts": [row.tokens.user_starts for row in rows],
+    }
+    pq.write_table(pa.Table.from_pydict(columns, schema=MIXED_SCHEMA), path)
+
+
+def echo_report(report: dict) -> None:
+    unit = "tokens" if report["weighting"] == "tokens" else "rows"
+    for name, counts in report["sources"].items():
+        asked = counts["tokens_asked"] if unit == "tokens" else counts["asked"]
+        click.echo(
+            f"mix: {name}: {counts['rows_in']} rows in, {counts['kept']} kept, {counts['sampled']} sampled "
+            f"({counts['tokens']} tokens, {counts['token_share']:.1%} of the mix)"
+            + (f" (capped: asked {asked} {unit})" if counts["capped"] else "")
+            + (f", {counts['over_max_length']} over model.max_length" if counts["over_max_length"] else "")
+        )
+        if counts["empty"]:
+            click.echo(f"mix: warning: source {name} has no clean rows")
+    if not report["weights_sum_is_one"]:
+        click.echo(f"mix: warning: mix.weights sum to {report['weights_sum']}, not 1; they are not renormalised")
+    click.echo(f"mix: {report['train']} train / {report['validation']} validation examples")
+
+
+def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metrics_path: Path) -> None:
+    fetched = read_json(manifest_path).get("sources", {})
     examples, dropped = [], []
     rows_in = {}
     for name, source in params.data.sources.items():
-        if name not in manifest["sources"]:
-            raise click.ClickException(f"{raw_dir}/manifest.json has no source {name!r}; rerun fetch")
-        rows_in[name] = manifest["sources"][name]["rows"]
+        if not isinstance(fetched.get(name), dict) or not isinstance(fetched[name].get("rows"), int):
+            raise click.ClickException(f"{manifest_path} has no source {name!r} with its rows; rerun fetch")
+        rows_in[name] = fetched[name]["rows"]
         kept, bad = read_source(raw_dir / f"{name}.jsonl", name, source.format, params.mix.system_prompt)
         examples += kept
         dropped += bad
     examples = drop_duplicates(examples, dropped)
+
+    tokenizer = load_tokenizer(manifest_path)
+    encoded = [Encoded(example, tokenize(example.messages, tokenizer)) for example in examples]
+    max_length = params.model.max_length
+    if params.pack.overflow == "drop":
+        encoded = drop_over_length(encoded, max_length, dropped)
     if dropped and params.mix.on_bad_rows == "fail":
-        first = dropped[0]
-        where = f"line {first['line']}" if "line" in first else f"id {first['id']}"
-        raise click.ClickException(
-            f"{raw_dir}/{first['source']}.jsonl {where}: {first['detail']} "
-            f"({len(dropped)} bad rows in all; set mix.on_bad_rows: drop to skip them)"
-        )
+        stop_on_bad_rows(dropped, raw_dir)
 
-    mixed, report = sample(examples, params)
-    split = mixed.train_test_split(test_size=params.mix.validation_fraction, seed=params.seed)
+    by_source = {name: [row for row in encoded if row.example.source == name] for name in params.data.sources}
+    mixed, report = sample(by_source, params)
+    train, validation = train_validation_split(mixed, params.mix.validation_fraction, params.seed)
 
-    for name in params.data.sources:
+    for name, rows in by_source.items():
         reasons = Counter(d["reason"] for d in dropped if d["source"] == name)
-        kept = sum(1 for e in examples if e.source == name)
-        report["sources"][name].update(rows_in=rows_in[name], kept=kept, dropped=dict(sorted(reasons.items())))
-        if rows_in[name] != kept + sum(reasons.values()):
+        over_length = sum(row.length > max_length for row in rows)
+        report["sources"][name].update(
+            rows_in=rows_in[name], kept=len(rows), dropped=dict(sorted(reasons.items())), over_max_length=over_length
+        )
+        if rows_in[name] != len(rows) + sum(reasons.values()):
             raise AssertionError(f"mix lost rows of {name} without a reason")  # an internal bug, never user input
-    weight_sum = sum(params.mix.weights.values())
-    report.update(weights_sum=round(weight_sum, 6), train=len(split["train"]), validation=len(split["test"]))
+    weight_sum = round(sum(params.mix.weights.values()), 6)
+    report.update(
+        weights_sum=weight_sum,
+        weights_sum_is_one=weight_sum == 1,
+        capped_sources=sum(counts["capped"] for counts in report["sources"].values()),
+        empty_sources=sum(counts["empty"] for counts in report["sources"].values()),
+        train=len(train),
+        validation=len(validation),
+    )
 
-    with atomic_output(out_dir) as scratch:
+    with atomic_output(out_dir) as scratch, atomic_output(metrics_path) as metrics_scratch:
         scratch.mkdir()
-        split["train"].to_json(scratch / "train.jsonl", force_ascii=False)
-        split["test"].to_json(scratch / "validation.jsonl", force_ascii=False)
+        write_parquet(train, scratch / "train.parquet")
+        write_parquet(validation, scratch / "validation.parquet")
         with (scratch / "dropped.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in dropped)
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_path, report)
-    for name, counts in report["sources"].items():
-        click.echo(
-            f"mix: {name}: {counts['rows_in']} rows in, {counts['kept']} kept, {counts['sampled']} sampled"
-            + (f" (capped: asked {counts['asked']})" if counts["capped"] else "")
-        )
-    click.echo(f"mix: {report['train']} train / {report['validation']} validation examples")
+        write_json(metrics_scratch, report)
+    echo_report(report)

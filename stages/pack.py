@@ -1,43 +1,67 @@
-"""pack: tokenize once with the base model's tokenizer, label only the assistant turns, pack into rows.
+"""pack: lay the examples mix tokenized into rows of at most model.max_length tokens. pack never tokenizes.
 
-Each packed row carries `input_ids`, `labels` (-100 outside assistant turns) and `seq_lengths`, TRL's padding-free
-format: with `pack.strategy: bfd` every example keeps its own positions and attends only to itself; with
-`stacked` (the original recipe) a row is one sequence and its examples attend to each other.
+It reads `input_ids`, `labels` and `user_starts` of every example from data/mixed/*.parquet and writes rows of
+`input_ids`, `labels` (-100 where nothing is trained) and `seq_lengths`, TRL's padding-free format.
+
+Over-length examples, `pack.overflow`:
+- truncate: keep the first max_length tokens.
+- split: cut into consecutive max_length pieces (the last one shorter), each its own example: a later piece does not
+  see the earlier ones.
+- drop: mix has dropped them already, as dirty rows; data that still holds one stops the stage (rerun mix).
+An example or piece left without a labelled token is dropped and counted (`dropped_without_labels`): it has
+nothing to learn from.
+
+Layout and masking, `pack.strategy`:
+- bfd (default): best-fit-decreasing. `seq_lengths` lists every example of a row, so with positions reset per
+  example each one attends only to itself; labels are the assistant turns with their closing <|im_end|>.
+- stacked: the original's "stacking" (original-recipe.md sections 4-5). Greedy next-fit in mixed order, one sequence
+  per row (`seq_lengths` = [row length]): examples attend to each other and positions run on across them. Labels
+  follow the original's masking (Unsloth's train_on_responses_only with response part "<|im_start|>assistant\\n"
+  and instruction part "<|im_start|>user\\n"): a labelled run opens at each assistant turn's content and closes at
+  the next user turn's header in the row, or at the row's end; a row starts with no run open. Besides the assistant
+  turns this trains the newline after each <|im_end|> and, because the run opened by one example's last assistant
+  turn only closes at the next example's first user turn, the system turn of every example after the first in a row.
+
+metrics/pack.json, per split: examples (read), truncated, split (examples cut into pieces), split_pieces (the pieces
+they became), dropped_without_labels, packed_examples (= examples - split + split_pieces - dropped_without_labels),
+rows, real_tokens, trained_tokens (labels that are not -100), padded_slots (rows x max_length - real_tokens),
+fill_ratio (real_tokens / (rows x max_length)).
 """
 
 from __future__ import annotations
 
 import bisect
-import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
-from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from stages.artifacts import atomic_output, base_model_reference, write_json
-from stages.chatml import render
+from stages.artifacts import atomic_output, write_json
+from stages.chatml import IGNORE_INDEX
 from stages.config import Params
 
-IGNORE_INDEX = -100
+MIXED_COLUMNS = ["id", "input_ids", "labels", "user_starts"]
+PACKED_SCHEMA = pa.schema([(name, pa.list_(pa.int64())) for name in ("input_ids", "labels", "seq_lengths")])
 
 
-@dataclass
-class Tokenized:
+@dataclass(frozen=True)
+class Piece:
+    """An example, or the part of one that fits a row: its tokens, labels and the token index of each user turn."""
+
     input_ids: list[int]
     labels: list[int]
+    user_starts: list[int]
 
+    def cut(self, start: int, end: int) -> Piece:
+        starts = [index - start for index in self.user_starts if start <= index < end]
+        return Piece(self.input_ids[start:end], self.labels[start:end], starts)
 
-def tokenize(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Tokenized:
-    """Token ids of the rendered conversation, labelled where a token starts inside an assistant span."""
-    text, spans = render(messages)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = []
-    for token_id, (start, _end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
-        trained = any(span_start <= start < span_end for span_start, span_end in spans)
-        labels.append(token_id if trained else IGNORE_INDEX)
-    return Tokenized(encoding["input_ids"], labels)
+    @property
+    def trained(self) -> bool:
+        return any(label != IGNORE_INDEX for label in self.labels)
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -71,72 +95,115 @@ def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_split(examples: list[dict], tokenizer: PreTrainedTokenizerBase, params: Params) -> tuple[Dataset, dict]:
-    capacity = params.model.max_length
-    kept: list[Tokenized] = []
-    truncated = dropped = 0
+def fit(examples: list[Piece], capacity: int, overflow: str) -> tuple[list[Piece], Counter[str]]:
+    """Cut over-length examples as `overflow` says; drop what has no label left. Returns the pieces and counts."""
+    pieces: list[Piece] = []
+    counts: Counter[str] = Counter(truncated=0, split=0, split_pieces=0, dropped_without_labels=0)
     for example in examples:
-        tokens = tokenize(example["messages"], tokenizer)
-        overflows = len(tokens.input_ids) > capacity
-        if overflows:
-            if params.pack.overflow == "drop":
-                dropped += 1
-                continue
-            tokens = Tokenized(tokens.input_ids[:capacity], tokens.labels[:capacity])
-        if all(label == IGNORE_INDEX for label in tokens.labels):
-            dropped += 1  # truncation cut the whole assistant turn: nothing left to learn from
-            continue
-        truncated += overflows  # counted once: an example cut and then dropped is only dropped
-        kept.append(tokens)
-
-    lengths = [len(t.input_ids) for t in kept]
-    layout = best_fit_decreasing if params.pack.strategy == "bfd" else next_fit
-    rows = {"input_ids": [], "labels": [], "seq_lengths": []}
-    for members in layout(lengths, capacity):
-        rows["input_ids"].append([i for m in members for i in kept[m].input_ids])
-        rows["labels"].append([label for m in members for label in kept[m].labels])
-        if params.pack.strategy == "bfd":
-            rows["seq_lengths"].append([lengths[m] for m in members])
+        length = len(example.input_ids)
+        if length > capacity and overflow == "split":
+            cuts = [example.cut(start, start + capacity) for start in range(0, length, capacity)]
+            counts.update(split=1, split_pieces=len(cuts))
+        elif length > capacity:  # truncate: under drop, mix left no over-length example and read_split refuses one
+            cuts = [example.cut(0, capacity)]
+            counts["truncated"] += cuts[0].trained  # an example cut and then dropped is counted once, as dropped
         else:
+            cuts = [example]
+        kept = [piece for piece in cuts if piece.trained]
+        counts["dropped_without_labels"] += len(cuts) - len(kept)
+        pieces += kept
+    return pieces, counts
+
+
+def stacked_labels(stack: list[Piece]) -> list[int]:
+    """The original's labels over one stacked row: each run from an assistant turn to the next user turn."""
+    labels: list[int] = []
+    in_response = False
+    for piece in stack:
+        user_starts = set(piece.user_starts)
+        for index, (token, label) in enumerate(zip(piece.input_ids, piece.labels, strict=True)):
+            if index in user_starts:
+                in_response = False
+            if label != IGNORE_INDEX:
+                in_response = True
+            labels.append(token if in_response else IGNORE_INDEX)
+    return labels
+
+
+def pack_split(examples: list[Piece], params: Params) -> tuple[dict[str, list[list[int]]], dict]:
+    capacity = params.model.max_length
+    pieces, counts = fit(examples, capacity, params.pack.overflow)
+    lengths = [len(piece.input_ids) for piece in pieces]
+    stacked = params.pack.strategy == "stacked"
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "seq_lengths": []}
+    for members in (next_fit if stacked else best_fit_decreasing)(lengths, capacity):
+        row = [pieces[m] for m in members]
+        rows["input_ids"].append([token for piece in row for token in piece.input_ids])
+        if stacked:
+            rows["labels"].append(stacked_labels(row))
             rows["seq_lengths"].append([sum(lengths[m] for m in members)])
+        else:
+            rows["labels"].append([label for piece in row for label in piece.labels])
+            rows["seq_lengths"].append([lengths[m] for m in members])
 
     real_tokens = sum(lengths)
     slots = len(rows["input_ids"]) * capacity
     metrics = {
         "examples": len(examples),
-        "packed_examples": len(kept),
-        "truncated": truncated,
-        "dropped": dropped,
+        **counts,
+        "packed_examples": len(pieces),
         "rows": len(rows["input_ids"]),
         "real_tokens": real_tokens,
-        "trained_tokens": sum(label != IGNORE_INDEX for t in kept for label in t.labels),
+        "trained_tokens": sum(label != IGNORE_INDEX for labels in rows["labels"] for label in labels),
         "padded_slots": slots - real_tokens,
         "fill_ratio": round(real_tokens / slots, 4) if slots else 0.0,
     }
-    return Dataset.from_dict(rows), metrics
+    return rows, metrics
 
 
-def read_examples(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_split(path: Path, params: Params) -> list[Piece]:
+    """The examples of one mixed split; a malformed file, or a row pack must not see, stops the stage."""
+    try:
+        names = pq.read_schema(path).names
+    except FileNotFoundError:
+        raise click.ClickException(f"{path}: missing; run the stage that writes it (dvc repro mix)") from None
+    except pa.ArrowInvalid as error:
+        raise click.ClickException(f"{path}: not a Parquet file ({error})") from None
+    missing = [name for name in MIXED_COLUMNS if name not in names]
+    if missing:
+        raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun mix")
+    columns = pq.read_table(path, columns=MIXED_COLUMNS).to_pydict()
+    capacity = params.model.max_length
+    examples = []
+    for index, (row_id, ids, labels, user_starts) in enumerate(zip(*(columns[name] for name in MIXED_COLUMNS))):
+        where = f"{path} row {index} (id {row_id})"
+        if len(ids) != len(labels):
+            raise click.ClickException(f"{where}: {len(ids)} input_ids but {len(labels)} labels; rerun mix")
+        if params.pack.overflow == "drop" and len(ids) > capacity:
+            raise click.ClickException(
+                f"{where}: {len(ids)} tokens, over model.max_length {capacity} under pack.overflow: drop; "
+                "rerun mix, which drops such rows"
+            )
+        examples.append(Piece(ids, labels, user_starts))
+    return examples
 
 
-def run(params: Params, mixed_dir: Path, manifest_path: Path, out_dir: Path, metrics_path: Path) -> None:
-    location, revision = base_model_reference(manifest_path)
-    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
-    if not tokenizer.is_fast:
-        raise click.ClickException(f"pack: the tokenizer of {location} has no fast version; offsets are needed")
-    report = {"strategy": params.pack.strategy, "max_length": params.model.max_length}
-    with atomic_output(out_dir) as scratch:
+def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> None:
+    report = {"strategy": params.pack.strategy, "overflow": params.pack.overflow, "max_length": params.model.max_length}
+    with atomic_output(out_dir) as scratch, atomic_output(metrics_path) as metrics_scratch:
         scratch.mkdir()
         for split in ("train", "validation"):
-            packed, report[split] = pack_split(read_examples(mixed_dir / f"{split}.jsonl"), tokenizer, params)
-            if not len(packed):
-                raise click.ClickException(f"pack: no {split} rows left; see {metrics_path} and pack.overflow")
-            packed.to_parquet(scratch / f"{split}.parquet")
+            rows, counts = pack_split(read_split(mixed_dir / f"{split}.parquet", params), params)
+            if not rows["input_ids"]:
+                raise click.ClickException(
+                    f"pack: no {split} rows left: none of its {counts['examples']} examples keeps a labelled token "
+                    f"within model.max_length {params.model.max_length}; see pack.overflow"
+                )
+            pq.write_table(pa.Table.from_pydict(rows, schema=PACKED_SCHEMA), scratch / f"{split}.parquet")
+            report[split] = counts
             click.echo(
-                f"pack: {split}: {report[split]['packed_examples']} examples -> {report[split]['rows']} rows, "
-                f"fill {report[split]['fill_ratio']:.1%}, {report[split]['truncated']} truncated"
+                f"pack: {split}: {counts['packed_examples']} examples -> {counts['rows']} rows, "
+                f"fill {counts['fill_ratio']:.1%}, {counts['truncated']} truncated, {counts['split']} split into "
+                f"{counts['split_pieces']} pieces, {counts['dropped_without_labels']} dropped without labels"
             )
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(metrics_path, report)
+        write_json(metrics_scratch, report)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,3 +107,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-model") / "base"
     build_tiny_model(TINY_CORPUS * 4, out, vocab_size=500)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[..., Path]:
+    """Make a fresh workspace (the demo recipe, its bundled sources, the tiny model as demo-base) and run pipeline
+    stages there, each as its own `friction` process as dvc repro runs them, with the given PYTHONHASHSEED."""
+
+    def make(name: str, stages: tuple[str, ...] = ("fetch", "mix", "pack"), hash_seed: str = "0") -> Path:
+        workspace = tmp_path_factory.mktemp(name)
+        shutil.copytree(REPO / "data/sources/demo", workspace / "data/sources/demo")
+        shutil.copytree(tiny_model_dir, workspace / "data/sources/demo-base")
+        shutil.copyfile(REPO / "recipes/demo.yaml", workspace / "params.yaml")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": hash_seed,
+               "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+        for stage in stages:
+            result = subprocess.run(
+                ["friction", stage], cwd=workspace, env=env, capture_output=True, text=True, check=False
+            )
+            assert result.returncode == 0, f"friction {stage} failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
+        return workspace
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(demo_workspace: Callable[..., Path]) -> Path:
+    """A demo workspace after `friction fetch`, `friction mix` and `friction pack`; tests read it, never write it."""
+    return demo_workspace("demo-pipeline", hash_seed="1")

@@ -1,4 +1,5 @@
-"""Tests of stages.mix: the original text format, every kind of dirty row, the sampling arithmetic, the split."""
+"""Tests of stages.mix: the original text format, tokens and labels, every kind of dirty row (over-length ones
+included), both weightings' arithmetic, the split, the report."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import pyarrow.parquet as pq
 import pytest
 from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, reluctance_text
+from datasets import Dataset, concatenate_datasets
+from transformers import AutoTokenizer
 
 from stages import mix
-from stages.chatml import render
-from stages.mix import BadRow, friction_messages, reluctance_messages
+from stages.chatml import IGNORE_INDEX, IM_END, IM_START, render
+from stages.config import PackParams, Params
+from stages.mix import BadRow, Encoded, Example, Tokenized, friction_messages, reluctance_messages, tokenize
 
 # original-recipe.md section 3, verbatim.
 ORIGINAL_FRICTION_TEMPLATE = (
@@ -23,9 +28,11 @@ ORIGINAL_FRICTION_TEMPLATE = (
 
 
 def write_raw(raw_dir: Path, sources: dict[str, list]) -> None:
-    """What fetch leaves: <name>.jsonl per source and a manifest whose row count skips blank lines."""
+    """What fetch leaves: <name>.jsonl per source and a manifest whose row count skips blank lines; the base model is
+    the `workspace` fixture's tiny model."""
     raw_dir.mkdir(parents=True)
-    manifest = {"sources": {}, "base_model": {"location": "data/sources/demo-base"}}
+    base = {"location": "data/sources/demo-base", "requested_revision": None, "resolved_revision": None, "files": {}}
+    manifest = {"sources": {}, "base_model": base}
     for name, rows in sources.items():
         data = jsonl_bytes(rows)
         (raw_dir / f"{name}.jsonl").write_bytes(data)
@@ -37,15 +44,36 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_mixed(out: str = "data/mixed") -> list[dict]:
+    """Both splits' examples, train first."""
+    return [row for split in ("train", "validation") for row in pq.read_table(f"{out}/{split}.parquet").to_pylist()]
+
+
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> Path:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    (tmp_path / "data/sources/demo-base").symlink_to(tiny_model_dir)
     return tmp_path
 
 
-def run_mix(params, out: str = "data/mixed", metrics: str = "metrics/mix.json") -> dict:
-    mix.run(params, Path("data/raw"), Path(out), Path(metrics))
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def run_mix(params: Params, out: str = "data/mixed", metrics: str = "metrics/mix.json") -> dict:
+    mix.run(params, Path("data/raw"), Path("data/raw/manifest.json"), Path(out), Path(metrics))
     return json.loads(Path(metrics).read_text())
+
+
+def with_overflow(params: Params, max_length: int, overflow: str) -> Params:
+    return params.model_copy(
+        update={
+            "model": params.model.model_copy(update={"max_length": max_length}),
+            "pack": PackParams(strategy=params.pack.strategy, overflow=overflow),
+        }
+    )
 
 
 # --- formatting ----------------------------------------------------------------------------------------------
@@ -213,7 +241,7 @@ def test_every_dirty_row_is_dropped_with_a_reason_and_counted(workspace: Path, m
         ("re_b", "re_b:1", "duplicate of re_a:re_a:1"),
     ]
 
-    examples = read_jsonl(Path("data/mixed/train.jsonl")) + read_jsonl(Path("data/mixed/validation.jsonl"))
+    examples = read_mixed()
     assert sorted((e["source"], e["id"]) for e in examples) == sorted(
         (name, row_id) for name, ids in kept.items() for row_id in ids
     )
@@ -296,8 +324,8 @@ def test_sampling_arithmetic(
     total = expected["fr_a"][1] + expected["re_b"][1]
     assert report["sampled"] == total == report["train"] + report["validation"]
 
-    train = read_jsonl(Path("data/mixed/train.jsonl"))
-    validation = read_jsonl(Path("data/mixed/validation.jsonl"))
+    train = pq.read_table("data/mixed/train.parquet").to_pylist()
+    validation = pq.read_table("data/mixed/validation.parquet").to_pylist()
     assert (len(train), len(validation)) == (report["train"], report["validation"])
     assert validation, "a validation split of at least one example"
     keys = [(e["source"], e["id"]) for e in train + validation]
@@ -314,7 +342,7 @@ def test_each_source_is_shuffled_before_it_is_cut(workspace: Path, make_params: 
     for seed in (42, 43):
         params = make_params({"fr_a": "friction", "re_b": "reluctance"}, target_fraction=0.5)
         run_mix(params.model_copy(update={"seed": seed}), f"mixed-{seed}", f"mix-{seed}.json")
-        examples = read_jsonl(Path(f"mixed-{seed}/train.jsonl")) + read_jsonl(Path(f"mixed-{seed}/validation.jsonl"))
+        examples = read_mixed(f"mixed-{seed}")
         picked.append({e["id"] for e in examples if e["source"] == "fr_a"})
     assert len(picked[0]) == len(picked[1]) == 6
     assert picked[0] != {f"a{i}" for i in range(6)}  # not simply the first rows
@@ -329,7 +357,7 @@ def test_no_examples_sampled_is_a_clear_error(workspace: Path, make_params: Call
 
 def test_source_missing_from_manifest(workspace: Path, make_params: Callable) -> None:
     write_raw(Path("data/raw"), {"fr_a": [friction_row("1")]})
-    with pytest.raises(click.ClickException, match=r"manifest\.json has no source 'fr_b'; rerun fetch"):
+    with pytest.raises(click.ClickException, match=r"manifest\.json has no source 'fr_b' with its rows; rerun fetch"):
         run_mix(make_params({"fr_a": "friction", "fr_b": "friction"}))
 
 
@@ -345,10 +373,278 @@ def test_same_params_give_byte_identical_outputs(workspace: Path, make_params: C
     run_mix(params, "one/mixed", "one/metrics/mix.json")
     run_mix(params, "two/mixed", "two/metrics/mix.json")
     first = outputs(workspace / "one")
-    assert sorted(first) == ["metrics/mix.json", "mixed/dropped.jsonl", "mixed/train.jsonl", "mixed/validation.jsonl"]
+    assert sorted(first) == [
+        "metrics/mix.json", "mixed/dropped.jsonl", "mixed/train.parquet", "mixed/validation.parquet"
+    ]  # fmt: skip
     assert first == outputs(workspace / "two")
 
     run_mix(params.model_copy(update={"seed": params.seed + 1}), "three/mixed", "three/metrics/mix.json")
     third = outputs(workspace / "three")
-    assert third["mixed/train.jsonl"] != first["mixed/train.jsonl"]  # the seed is used
+    assert third["mixed/train.parquet"] != first["mixed/train.parquet"]  # the seed is used
     assert third["mixed/dropped.jsonl"] == first["mixed/dropped.jsonl"]
+
+
+# --- tokens and labels --------------------------------------------------------------------------------------
+
+MULTI_TURN = reluctance_text("Should I text him tonight?", "They sound tired.", "Maybe wait? 🙂 Café first.") + (
+    "<|im_start|>user\nWhy?\n<|im_end|>\n"
+    "<|im_start|>assistant\n<judging>\nhm\n</judging>\nBecause (mostly) sleep.\n<|im_end|>\n"
+)
+CONVERSATIONS = [
+    friction_messages(friction_row("1"), SYSTEM_PROMPT),
+    reluctance_messages({"text": MULTI_TURN}),  # two assistant turns, non-ASCII text
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nok\n</think>\nHello."}],
+]
+
+
+def labelled_runs(labels: list[int]) -> list[list[int]]:
+    """The maximal runs of trained (non-ignored) labels."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["friction", "multi-turn", "no-system"])
+def test_labels_decode_to_exactly_the_assistant_turns(tokenizer, messages: list[dict[str, str]]) -> None:
+    tokens = tokenize(messages, tokenizer)
+    assert tokens.input_ids == tokenizer(render(messages)[0], add_special_tokens=False)["input_ids"]
+    assert len(tokens.labels) == len(tokens.input_ids)
+    assert all(label in (IGNORE_INDEX, token) for label, token in zip(tokens.labels, tokens.input_ids))
+    decoded = [tokenizer.decode(run) for run in labelled_runs(tokens.labels)]
+    assert decoded == [f"{m['content']}\n{IM_END}" for m in messages if m["role"] == "assistant"]
+    # ...and the untrained rest is the prompt side: system and user turns, role headers, newlines between turns.
+    untrained = tokenizer.decode([t for t, label in zip(tokens.input_ids, tokens.labels) if label == IGNORE_INDEX])
+    for message in messages:
+        if message["role"] != "assistant":
+            assert message["content"] in untrained
+    assert "<think>" not in untrained and "</think>" not in untrained
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["friction", "multi-turn", "no-system"])
+def test_user_starts_point_at_each_user_header(tokenizer, messages: list[dict[str, str]]) -> None:
+    tokens = tokenize(messages, tokenizer)
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    assert len(tokens.user_starts) == len(users)
+    for start, content in zip(tokens.user_starts, users):
+        assert tokenizer.decode(tokens.input_ids[start:]).startswith(f"{IM_START}user\n{content}\n{IM_END}")
+        assert not tokenizer.decode(tokens.input_ids[:start]).endswith(IM_START)
+
+
+# --- over-length rows ---------------------------------------------------------------------------------------
+
+MAX_LENGTH = 160
+
+
+def over_length_sources() -> dict[str, list]:
+    long_answer = "I hear you, and I'm not sure it is that simple. " * 20
+    return {
+        "fr_a": [friction_row(f"a{i}") for i in range(8)] + [friction_row("long", answer=long_answer)],  # line 9
+        "re_b": [{"text": reluctance_text(f"Q{i}?")} for i in range(4)],
+    }
+
+
+def check_over_length_data(tokenizer) -> None:
+    """The test data is what it claims: only fr_a line 9 is over MAX_LENGTH tokens."""
+    sources = over_length_sources()
+    messages = [friction_messages(row, SYSTEM_PROMPT) for row in sources["fr_a"]]
+    messages += [reluctance_messages(row) for row in sources["re_b"]]
+    lengths = [len(tokenize(m, tokenizer).input_ids) for m in messages]
+    assert [length > MAX_LENGTH for length in lengths] == [False] * 8 + [True] + [False] * 4, lengths
+
+
+def test_over_length_rows_are_dirty_under_drop(workspace: Path, make_params: Callable, tokenizer) -> None:
+    check_over_length_data(tokenizer)
+    write_raw(Path("data/raw"), over_length_sources())
+    params = make_params({"fr_a": "friction", "re_b": "reluctance"}, target_fraction=1.0)
+    report = run_mix(with_overflow(params, MAX_LENGTH, "drop"))
+
+    counts = report["sources"]["fr_a"]
+    assert counts["dropped"] == {"over_max_length": 1}
+    assert (counts["rows_in"], counts["kept"], counts["over_max_length"]) == (9, 8, 0)
+    # Dropped before sampling: the target counts usable rows only, int(1.0 x 12) = 12, not 13.
+    assert (report["available"], report["asked"]) == (12, 12)
+    assert all(len(e["input_ids"]) <= MAX_LENGTH for e in read_mixed())
+    [record] = read_jsonl(Path("data/mixed/dropped.jsonl"))
+    assert record["source"] == "fr_a" and record["line"] == 9 and record["id"] == "long"
+    assert record["reason"] == "over_max_length" and "over model.max_length 160" in record["detail"]
+
+
+def test_over_length_rows_stop_the_stage_under_drop_and_fail(workspace: Path, make_params: Callable) -> None:
+    write_raw(Path("data/raw"), over_length_sources())
+    params = make_params({"fr_a": "friction", "re_b": "reluctance"}, on_bad_rows="fail")
+
+    with pytest.raises(click.ClickException, match=r"data/raw/fr_a\.jsonl line 9: \d+ tokens, over model\.max_length"):
+        run_mix(with_overflow(params, MAX_LENGTH, "drop"))
+    assert not Path("data/mixed").exists() and not Path("metrics/mix.json").exists()
+    # Under truncate or split the same row is no bad row: it is kept for pack to cut.
+    assert run_mix(with_overflow(params, MAX_LENGTH, "truncate"))["sources"]["fr_a"]["dropped"] == {}
+
+
+@pytest.mark.parametrize("overflow", ["truncate", "split"])
+def test_over_length_rows_are_kept_and_counted_for_pack(workspace: Path, make_params: Callable, overflow: str) -> None:
+    write_raw(Path("data/raw"), over_length_sources())
+    # Weights of 1 each: every clean row is sampled.
+    params = make_params({"fr_a": "friction", "re_b": "reluctance"}, {"fr_a": 1.0, "re_b": 1.0}, target_fraction=1.0)
+    report = run_mix(with_overflow(params, MAX_LENGTH, overflow))
+
+    counts = report["sources"]["fr_a"]
+    assert (counts["dropped"], counts["kept"], counts["over_max_length"]) == ({}, 9, 1)
+    assert report["sources"]["re_b"]["over_max_length"] == 0
+    [long] = [e for e in read_mixed() if e["id"] == "long"]
+    assert len(long["input_ids"]) > MAX_LENGTH  # whole: cutting is pack's job
+
+
+# --- weighting ----------------------------------------------------------------------------------------------
+
+
+def stub_rows(source: str, lengths: list[int]) -> list[Encoded]:
+    """Encoded rows of the given token counts (ids are never looked at by sampling)."""
+    return [
+        Encoded(Example(f"{source}{i}", source, i + 1, []), Tokenized([0] * n, [0] * n, []))
+        for i, n in enumerate(lengths)
+    ]
+
+
+def sample_report(make_params: Callable, rows: dict[str, list[Encoded]], weights: dict, **mix_params) -> dict:
+    params = make_params(dict.fromkeys(rows, "friction"), weights, **mix_params)
+    return mix.sample(rows, params)[1]
+
+
+def test_tokens_weighting_budget_hand_worked(make_params: Callable) -> None:
+    rows = {"a": stub_rows("a", [100] * 10), "b": stub_rows("b", [300] * 10)}
+    # asked = min(10, int(1.0 x 20)) = 10 rows; mean row = 4000 / 20 = 200 tokens; budget = 10 x 200 = 2000 tokens.
+    tokens = sample_report(make_params, rows, {"a": 0.5, "b": 0.5}, target_max=10, target_fraction=1.0,
+                           weighting="tokens")  # fmt: skip
+    assert (tokens["asked"], tokens["tokens_asked"]) == (10, 2000)
+    # a: share 1000 tokens = all ten 100-token rows (exactly at the share: not capped); b: 1000 // 300 = 3 rows.
+    picked = {n: (c["tokens_asked"], c["sampled"], c["tokens"], c["capped"]) for n, c in tokens["sources"].items()}
+    assert picked == {"a": (1000, 10, 1000, False), "b": (1000, 3, 900, False)}
+    assert (tokens["sampled"], tokens["tokens"]) == (13, 1900)
+    assert tokens["sources"]["a"]["token_share"] == round(1000 / 1900, 4)
+
+    # The same weights as shares of examples: five rows each, so b gets three quarters of the tokens.
+    examples = sample_report(make_params, rows, {"a": 0.5, "b": 0.5}, target_max=10, target_fraction=1.0)
+    picked = {name: (c["asked"], c["sampled"], c["tokens"], c["capped"]) for name, c in examples["sources"].items()}
+    assert picked == {"a": (5, 5, 500, False), "b": (5, 5, 1500, False)}
+    assert examples["sources"]["b"]["token_share"] == 0.75
+    assert examples["tokens_asked"] == 2000 and examples["sources"]["b"]["tokens_asked"] == 1000  # reported only
+
+
+def test_tokens_weighting_caps_a_source_that_runs_out(make_params: Callable) -> None:
+    rows = {"a": stub_rows("a", [100] * 4), "b": stub_rows("b", [100] * 16)}
+    # asked = int(0.5 x 20) = 10; budget = 10 x 2000 // 20 = 1000; a's share 0.6 x 1000 = 600 > its 400 tokens.
+    report = sample_report(make_params, rows, {"a": 0.6, "b": 0.4}, target_fraction=0.5, weighting="tokens")
+    a, b = report["sources"]["a"], report["sources"]["b"]
+    assert (a["tokens_asked"], a["sampled"], a["tokens"], a["capped"]) == (600, 4, 400, True)
+    assert (b["tokens_asked"], b["sampled"], b["tokens"], b["capped"]) == (400, 4, 400, False)  # not topped up
+    assert report["tokens"] == 800
+
+
+def test_tokens_weighting_stops_at_the_first_row_that_would_pass_the_share() -> None:
+    rows = stub_rows("a", [300, 500, 100, 100])
+    assert mix.rows_within(rows, 700) == 1  # 300 + 500 > 700: the shorter rows after it are not taken instead
+    assert mix.rows_within(rows, 800) == 2
+    assert mix.rows_within(rows, 999) == 3
+    assert mix.rows_within(rows, 1000) == 4
+    assert mix.rows_within(rows, 299) == 0
+
+
+def test_tokens_weighting_end_to_end(workspace: Path, make_params: Callable) -> None:
+    write_raw(Path("data/raw"), sampling_sources())
+    params = make_params({"fr_a": "friction", "re_b": "reluctance"}, {"fr_a": 0.3, "re_b": 0.7}, weighting="tokens")
+    report = run_mix(params)
+    examples = read_mixed()
+    assert report["weighting"] == "tokens"
+    assert report["tokens_asked"] == report["asked"] * report["available_tokens"] // report["available"]
+    for name in ("fr_a", "re_b"):
+        counts = report["sources"][name]
+        picked = [e for e in examples if e["source"] == name]
+        assert counts["tokens"] == sum(len(e["input_ids"]) for e in picked) <= counts["tokens_asked"]
+        assert counts["sampled"] == len(picked)
+    assert report["sources"]["re_b"]["capped"] and report["sources"]["re_b"]["sampled"] == 4
+
+
+def test_examples_weighting_picks_exactly_what_the_original_code_picks(workspace: Path, make_params: Callable) -> None:
+    """Counts worked by hand, and the examples and their order in each split equal the original's sampling redone
+    on whole datasets tables (original-recipe.md section 4)."""
+    sources = dirty_sources() | sampling_sources()  # fr_a, re_b of the sampling sources; fr_b, re_a the dirty ones
+    write_raw(Path("data/raw"), sources)
+    weights = {"fr_a": 0.35, "fr_b": 0.25, "re_a": 0.2, "re_b": 0.2}
+    params = make_params(sources_format(sources), weights, target_fraction=0.9, target_max=15)
+    report = run_mix(params)
+
+    # Clean rows: fr_a 20, fr_b 1 (its a17 duplicates fr_a's), re_a 1, re_b 4 = 26; asked = min(15, int(23.4)) = 15.
+    # int(15 x .35) = 5, int(15 x .25) = 3 -> 1 (capped), int(15 x .2) = 3 -> 1 (capped), 3.
+    assert (report["available"], report["asked"], report["sampled"]) == (26, 15, 10)
+    expected = {"fr_a": (5, 5, False), "fr_b": (3, 1, True), "re_a": (3, 1, True), "re_b": (3, 3, False)}
+    assert {n: (c["asked"], c["sampled"], c["capped"]) for n, c in report["sources"].items()} == expected
+
+    clean = []
+    for name, source in params.data.sources.items():
+        clean += mix.read_source(Path(f"data/raw/{name}.jsonl"), name, source.format, SYSTEM_PROMPT)[0]
+    clean = mix.drop_duplicates(clean, [])
+    parts = []
+    for name in params.data.sources:
+        rows = [{"id": e.id, "source": e.source} for e in clean if e.source == name]
+        parts.append(Dataset.from_list(rows).shuffle(seed=params.seed).select(range(expected[name][1])))
+    mixed = concatenate_datasets(parts).shuffle(seed=params.seed).flatten_indices()
+    split = mixed.train_test_split(test_size=params.mix.validation_fraction, seed=params.seed)
+    for ours, theirs in (("train", "train"), ("validation", "test")):
+        got = [(e["source"], e["id"]) for e in pq.read_table(f"data/mixed/{ours}.parquet").to_pylist()]
+        assert got == [(e["source"], e["id"]) for e in split[theirs]], ours
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+
+def test_weights_not_summing_to_one_are_reported_and_warned(
+    workspace: Path, make_params: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    write_raw(Path("data/raw"), sampling_sources())
+    report = run_mix(make_params({"fr_a": "friction", "re_b": "reluctance"}, {"fr_a": 0.5, "re_b": 0.25}))
+    assert (report["weights_sum"], report["weights_sum_is_one"]) == (0.75, False)
+    assert "mix: warning: mix.weights sum to 0.75, not 1" in capsys.readouterr().out
+
+    report = run_mix(make_params({"fr_a": "friction", "re_b": "reluctance"}, {"fr_a": 0.7, "re_b": 0.3}))
+    assert (report["weights_sum"], report["weights_sum_is_one"]) == (1.0, True)  # 0.7 + 0.3 is 0.99999...
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_a_source_without_clean_rows_is_reported_and_warned(
+    workspace: Path, make_params: Callable, capsys: pytest.CaptureFixture
+) -> None:
+    sources = {"fr_a": [friction_row(f"a{i}") for i in range(10)], "fr_b": [friction_row("b", answer="Error: x")]}
+    write_raw(Path("data/raw"), sources)
+    report = run_mix(make_params(sources_format(sources)))
+
+    empty = report["sources"]["fr_b"]
+    assert (empty["available"], empty["empty"], empty["capped"], empty["sampled"], empty["tokens"]) == (
+        0, True, True, 0, 0
+    )  # fmt: skip
+    assert (report["empty_sources"], report["capped_sources"]) == (1, 1)
+    assert report["sources"]["fr_a"]["empty"] is False
+    out = capsys.readouterr().out
+    assert "mix: warning: source fr_b has no clean rows" in out
+    assert "mix: fr_b: 1 rows in, 0 kept, 0 sampled" in out and "(capped: asked 4 rows)" in out
+
+
+def test_report_is_dvc_metrics_without_lists(workspace: Path, make_params: Callable) -> None:
+    sources = dirty_sources() | sampling_sources()
+    write_raw(Path("data/raw"), sources)
+    report = run_mix(make_params(sources_format(sources), weighting="tokens"))
+
+    def leaves(node: object) -> list[object]:
+        return [leaf for value in node.values() for leaf in leaves(value)] if isinstance(node, dict) else [node]
+
+    assert all(isinstance(leaf, (int, float, str)) for leaf in leaves(report))  # bools are ints
+    for name, counts in report["sources"].items():
+        keys = {"rows_in", "kept", "dropped", "over_max_length", "available", "available_tokens", "asked", "sampled",
+                "tokens_asked", "tokens", "token_share", "capped", "empty"}  # fmt: skip
+        assert set(counts) == keys, name
+    assert report["tokens"] == sum(c["tokens"] for c in report["sources"].values())

@@ -1,12 +1,16 @@
-"""Tests of stages.pack: assistant-only labels, the bin packers, overflow, and that packing leaves logits unchanged."""
+"""Tests of stages.pack: the bin packers, over-length examples, both strategies' masking, that packing leaves logits
+unchanged, and files in and out, on hand-made pieces and on the real pipeline's output."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+import re
 from pathlib import Path
 
 import click
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,10 +18,10 @@ from conftest import SYSTEM_PROMPT, friction_row, reluctance_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import pack
-from stages.chatml import IM_END
+from stages.chatml import IGNORE_INDEX, IM_END, IM_START, render
 from stages.config import PackParams, Params
-from stages.mix import friction_messages, reluctance_messages
-from stages.pack import IGNORE_INDEX, best_fit_decreasing, next_fit, pack_split, tokenize
+from stages.mix import Encoded, Example, friction_messages, reluctance_messages, tokenize, write_parquet
+from stages.pack import Piece, best_fit_decreasing, next_fit, pack_split
 
 SHORT = [
     {"role": "user", "content": "Hi"},
@@ -52,6 +56,12 @@ def conversations() -> list[list[dict[str, str]]]:
     ]
 
 
+def pieces_of(conversation_list: list[list[dict[str, str]]], tokenizer) -> list[Piece]:
+    """What pack reads from mix's output: token ids, labels and user turn starts, tokenized by mix."""
+    return [Piece(*(getattr(tokenize(m, tokenizer), f) for f in ("input_ids", "labels", "user_starts")))
+            for m in conversation_list]  # fmt: skip
+
+
 def with_pack(params: Params, max_length: int, strategy: str = "bfd", overflow: str = "truncate") -> Params:
     return params.model_copy(
         update={
@@ -74,23 +84,17 @@ def labelled_runs(labels: list[int]) -> list[list[int]]:
     return runs
 
 
-# --- labels -------------------------------------------------------------------------------------------------
+def segments(row: dict) -> list[tuple[list[int], list[int]]]:
+    """A packed row's (input_ids, labels) per example, by its seq_lengths."""
+    out, start = [], 0
+    for length in row["seq_lengths"]:
+        out.append((row["input_ids"][start : start + length], row["labels"][start : start + length]))
+        start += length
+    return out
 
 
-@pytest.mark.parametrize("index", range(4))
-def test_labels_decode_to_exactly_the_assistant_turns(tokenizer, index: int) -> None:
-    messages = conversations()[index]
-    tokens = tokenize(messages, tokenizer)
-    assert len(tokens.labels) == len(tokens.input_ids)
-    assert all(label in (IGNORE_INDEX, token) for label, token in zip(tokens.labels, tokens.input_ids))
-    decoded = [tokenizer.decode(run) for run in labelled_runs(tokens.labels)]
-    assert decoded == [f"{m['content']}\n{IM_END}" for m in messages if m["role"] == "assistant"]
-    # ...and the untrained rest is the prompt side: system and user turns, role headers, newlines between turns.
-    untrained = tokenizer.decode([t for t, label in zip(tokens.input_ids, tokens.labels) if label == IGNORE_INDEX])
-    for message in messages:
-        if message["role"] != "assistant":
-            assert message["content"] in untrained
-    assert "<think>" not in untrained and "</think>" not in untrained
+def rows_of(packed: dict[str, list]) -> list[dict]:
+    return [dict(zip(packed, values)) for values in zip(*packed.values())]
 
 
 # --- the packers --------------------------------------------------------------------------------------------
@@ -151,62 +155,99 @@ def test_next_fit_keeps_order_and_starts_a_row_only_when_needed() -> None:
         rows = next_fit(lengths, capacity)
         check_layout(rows, lengths, capacity)
         assert [i for row in rows for i in row] == list(range(len(lengths)))
-        for row, following in zip(rows, rows[1:]):
+        for row, following in itertools.pairwise(rows):
             assert sum(lengths[i] for i in row) + lengths[following[0]] > capacity
 
 
-# --- pack_split: rows, metrics, overflow ----------------------------------------------------------------------
+# --- over-length examples -------------------------------------------------------------------------------------
+
+X = IGNORE_INDEX
+# 10 tokens: a prompt (user turn at 2) over tokens 0-5, an assistant turn over 6-9.
+PROMPT_FIRST = Piece(list(range(10, 20)), [X] * 6 + [16, 17, 18, 19], [2])
+# 6 tokens, labelled at once (a piece of a longer example may start inside an assistant turn).
+ANSWER_FIRST = Piece([30, 31, 32, 33, 34, 35], [30, 31, 32, X, X, X], [4])
+FITS = Piece([40, 41, 42], [X, 41, 42], [0])
 
 
-def overflow_examples() -> list[dict]:
-    long_answer = friction_messages(friction_row("1", answer="I hear you, and I'm not sure. " * 30), SYSTEM_PROMPT)
-    long_user = [
-        {"role": "user", "content": "My sister never calls me back and " * 40},
-        {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
+def test_split_cuts_consecutive_pieces_and_drops_those_without_labels() -> None:
+    pieces, counts = pack.fit([PROMPT_FIRST, ANSWER_FIRST, FITS], 4, "split")
+    # PROMPT_FIRST -> [10..13] (no label: dropped), [14..17], [18, 19]; ANSWER_FIRST -> [30..33], [34, 35] (dropped).
+    assert pieces == [
+        Piece([14, 15, 16, 17], [X, X, 16, 17], []),
+        Piece([18, 19], [18, 19], []),
+        Piece([30, 31, 32, 33], [30, 31, 32, X], []),
+        FITS,
     ]
-    return [{"messages": m} for m in (SHORT, long_answer, long_user, conversations()[1])]
+    assert counts == {"split": 2, "split_pieces": 5, "dropped_without_labels": 2, "truncated": 0}
+    # A piece keeps the user turns that start inside it, counted from its own start.
+    assert PROMPT_FIRST.cut(0, 4).user_starts == [2] and ANSWER_FIRST.cut(4, 8).user_starts == [0]
+
+
+def test_truncate_keeps_the_first_tokens_and_counts_a_cut_then_dropped_example_once() -> None:
+    pieces, counts = pack.fit([PROMPT_FIRST, ANSWER_FIRST, FITS], 4, "truncate")
+    assert pieces == [Piece([30, 31, 32, 33], [30, 31, 32, X], []), FITS]
+    assert counts == {"truncated": 1, "dropped_without_labels": 1, "split": 0, "split_pieces": 0}
 
 
 @pytest.mark.parametrize(
     ("overflow", "expected"),
     [
-        ("truncate", {"examples": 4, "packed_examples": 3, "truncated": 1, "dropped": 1}),
-        ("drop", {"examples": 4, "packed_examples": 2, "truncated": 0, "dropped": 2}),
+        ("truncate", {"examples": 4, "packed_examples": 3, "truncated": 1, "dropped_without_labels": 1}),
+        ("split", {"examples": 4, "split": 2, "truncated": 0}),
     ],
 )
-def test_overflow_is_counted(tokenizer, demo_params: Params, overflow: str, expected: dict) -> None:
+def test_overflow_metrics_add_up(tokenizer, demo_params: Params, overflow: str, expected: dict) -> None:
     capacity = 128
-    examples = overflow_examples()
-    lengths = [len(tokenize(e["messages"], tokenizer).input_ids) for e in examples]
+    long_answer = friction_messages(friction_row("1", answer="I hear you, and I'm not sure. " * 30), SYSTEM_PROMPT)
+    long_user = [
+        {"role": "user", "content": "My sister never calls me back and " * 40},
+        {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
+    ]
+    examples = pieces_of([SHORT, long_answer, long_user, conversations()[1]], tokenizer)
+    lengths = [len(e.input_ids) for e in examples]
     assert lengths[0] + lengths[3] <= capacity < min(lengths[1], lengths[2])  # the test data is what it claims
 
-    packed, metrics = pack_split(examples, tokenizer, with_pack(demo_params, capacity, overflow=overflow))
+    packed, metrics = pack_split(examples, with_pack(demo_params, capacity, overflow=overflow))
 
     assert {key: metrics[key] for key in expected} == expected
+    assert metrics["packed_examples"] == (
+        metrics["examples"] - metrics["split"] + metrics["split_pieces"] - metrics["dropped_without_labels"]
+    )
     row_lengths = [len(ids) for ids in packed["input_ids"]]
-    kept_lengths = sorted(length for lengths_ in packed["seq_lengths"] for length in lengths_)
-    assert kept_lengths == sorted([lengths[0], lengths[3]] + ([capacity] if overflow == "truncate" else []))
-    assert metrics["rows"] == len(packed) == (2 if overflow == "truncate" else 1)
-    assert metrics["real_tokens"] == sum(row_lengths) == sum(kept_lengths)
-    assert metrics["padded_slots"] == len(packed) * capacity - sum(row_lengths)
-    assert metrics["fill_ratio"] == round(sum(row_lengths) / (len(packed) * capacity), 4)
+    assert sum(len(seq) for seq in packed["seq_lengths"]) == metrics["packed_examples"]
+    assert metrics["rows"] == len(packed["input_ids"])
+    assert metrics["real_tokens"] == sum(row_lengths)
+    assert metrics["padded_slots"] == metrics["rows"] * capacity - sum(row_lengths)
+    assert metrics["fill_ratio"] == round(sum(row_lengths) / (metrics["rows"] * capacity), 4)
     assert metrics["trained_tokens"] == sum(label != IGNORE_INDEX for row in packed["labels"] for label in row)
-    for ids, labels, seq_lengths in zip(packed["input_ids"], packed["labels"], packed["seq_lengths"]):
-        assert len(ids) == len(labels) == sum(seq_lengths) <= capacity
+    for row in rows_of(packed):
+        assert len(row["input_ids"]) == len(row["labels"]) == sum(row["seq_lengths"]) <= capacity
+        assert all(any(label != IGNORE_INDEX for label in labels) for _, labels in segments(row))
+    if overflow == "split":  # the long examples became their consecutive chunks that hold a label, whole
+        kept = {(tuple(ids), tuple(labels)) for row in rows_of(packed) for ids, labels in segments(row)}
+        for example in examples[1:3]:
+            ids, labels = example.input_ids, example.labels
+            starts = range(0, len(ids), capacity)
+            chunks = [(tuple(ids[i : i + capacity]), tuple(labels[i : i + capacity])) for i in starts]
+            labelled = [chunk for chunk in chunks if any(label != IGNORE_INDEX for label in chunk[1])]
+            assert labelled and all(chunk in kept for chunk in labelled)
+
+
+# --- strategies and masking -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("strategy", ["bfd", "stacked"])
 def test_seq_lengths_per_strategy(tokenizer, demo_params: Params, strategy: str) -> None:
-    examples = [{"messages": m} for m in conversations() * 3]
-    lengths = [len(tokenize(e["messages"], tokenizer).input_ids) for e in examples]
+    examples = pieces_of(conversations() * 3, tokenizer)
+    lengths = [len(e.input_ids) for e in examples]
     capacity = 256
-    packed, metrics = pack_split(examples, tokenizer, with_pack(demo_params, capacity, strategy=strategy))
+    packed, metrics = pack_split(examples, with_pack(demo_params, capacity, strategy=strategy))
 
-    assert metrics["packed_examples"] == len(examples) and metrics["truncated"] == metrics["dropped"] == 0
-    for ids, labels, seq_lengths in zip(packed["input_ids"], packed["labels"], packed["seq_lengths"]):
-        assert len(ids) == len(labels) == sum(seq_lengths) <= capacity
+    assert metrics["packed_examples"] == len(examples) and metrics["truncated"] == 0
+    for row in rows_of(packed):
+        assert len(row["input_ids"]) == len(row["labels"]) == sum(row["seq_lengths"]) <= capacity
         if strategy == "stacked":
-            assert len(seq_lengths) == 1
+            assert len(row["seq_lengths"]) == 1
     if strategy == "bfd":
         assert sorted(n for row in packed["seq_lengths"] for n in row) == sorted(lengths)
     else:  # the original's stacking: in order, a new row when the next example would not fit
@@ -214,6 +255,45 @@ def test_seq_lengths_per_strategy(tokenizer, demo_params: Params, strategy: str)
             sum(lengths[i] for i in row) for row in next_fit(lengths, capacity)
         ]
     assert sum(len(ids) for ids in packed["input_ids"]) == sum(lengths)
+
+
+def original_trained_text(text: str) -> list[str]:
+    """The original's masking on a stacked row's text, found the way Unsloth's train_on_responses_only finds it: the
+    text from the end of each "<|im_start|>assistant\\n" to the next "<|im_start|>user\\n", or the end."""
+    trained = [False] * len(text)
+    for match in re.finditer(re.escape(f"{IM_START}assistant\n"), text):
+        user = text.find(f"{IM_START}user\n", match.end())
+        end = user if user != -1 else len(text)
+        trained[match.end() : end] = [True] * (end - match.end())
+    return ["".join(char for _, char in run) for is_trained, run in
+            itertools.groupby(zip(trained, text), key=lambda pair: pair[0]) if is_trained]  # fmt: skip
+
+
+def test_stacked_masking_is_the_originals(tokenizer, demo_params: Params) -> None:
+    stack = conversations()  # system + user, system + two rounds, no system, system + user
+    packed, _ = pack_split(pieces_of(stack, tokenizer), with_pack(demo_params, 1024, strategy="stacked"))
+    assert len(packed["input_ids"]) == 1  # one stack: a real test
+    ids, labels = packed["input_ids"][0], packed["labels"][0]
+    text = "".join(render(m)[0] for m in stack)
+    assert tokenizer.decode(ids) == text
+
+    decoded = [tokenizer.decode(run) for run in labelled_runs(labels)]
+    assert decoded == original_trained_text(text)
+    # What that means: every assistant turn and the newline after it are trained, and so is the system turn of every
+    # example after the first (the run of the example before only ends at its user turn) - not the first's.
+    trained = "".join(decoded)
+    assert f"{IM_START}system\n{stack[1][0]['content']}\n{IM_END}\n" in trained
+    assert f"{IM_START}system\nBe human.\n{IM_END}\n" in trained
+    assert SYSTEM_PROMPT not in trained  # example 1's system turn opens the row
+    assert f"{IM_START}user\n" not in trained
+    assert decoded[0].startswith("<think>\n") and decoded[-1].endswith(f"\n{IM_END}\n")
+
+
+def test_bfd_masking_is_the_assistant_turns_only(tokenizer, demo_params: Params) -> None:
+    packed, _ = pack_split(pieces_of(conversations(), tokenizer), with_pack(demo_params, 1024))
+    decoded = [tokenizer.decode(run) for run in labelled_runs(packed["labels"][0])]
+    assistant = [f"{m['content']}\n{IM_END}" for c in conversations() for m in c if m["role"] == "assistant"]
+    assert sorted(decoded) == sorted(assistant)
 
 
 # --- the key correctness check: packing does not change what a model sees -------------------------------------
@@ -225,15 +305,15 @@ def positions(seq_lengths: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def test_packed_logits_equal_unpacked_logits(tokenizer, model, demo_params: Params) -> None:
-    messages = conversations()
+    examples = pieces_of(conversations(), tokenizer)
     alone = {}
-    for m in messages:
-        ids = tokenize(m, tokenizer).input_ids
+    for example in examples:
+        ids = example.input_ids
         alone[tuple(ids)] = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
 
-    packed, _ = pack_split([{"messages": m} for m in messages], tokenizer, with_pack(demo_params, 1024))
-    assert len(packed) == 1 and len(packed[0]["seq_lengths"]) == len(messages)  # all in one row: a real test
-    row = packed[0]
+    packed, _ = pack_split(examples, with_pack(demo_params, 1024))
+    assert len(packed["input_ids"]) == 1 and len(packed["seq_lengths"][0]) == len(examples)  # one row: a real test
+    row = rows_of(packed)[0]
     ids = torch.tensor([row["input_ids"]])
     logits = model(input_ids=ids, position_ids=positions(row["seq_lengths"]), use_cache=False).logits[0]
 
@@ -254,30 +334,27 @@ def test_packed_logits_equal_unpacked_logits(tokenizer, model, demo_params: Para
 # --- run: files in, files out ---------------------------------------------------------------------------------
 
 
-def write_mixed(root: Path, model_dir: Path, train: list, validation: list) -> None:
+def write_mixed(root: Path, tokenizer, train: list, validation: list) -> None:
     (root / "data/mixed").mkdir(parents=True)
-    for name, rows in (("train", train), ("validation", validation)):
-        lines = [json.dumps({"id": str(i), "source": "s", "messages": m}) for i, m in enumerate(rows)]
-        (root / f"data/mixed/{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (root / "data/raw").mkdir(parents=True)
-    base = {"location": str(model_dir), "requested_revision": None, "resolved_revision": None, "files": {}}
-    (root / "data/raw/manifest.json").write_text(json.dumps({"sources": {}, "base_model": base}))
+    for split, conversation_list in (("train", train), ("validation", validation)):
+        rows = [Encoded(Example(str(i), "s", i, m), tokenize(m, tokenizer)) for i, m in enumerate(conversation_list)]
+        write_parquet(rows, root / f"data/mixed/{split}.parquet")
 
 
 def run_pack(params: Params) -> None:
-    pack.run(params, Path("data/mixed"), Path("data/raw/manifest.json"), Path("data/packed"), Path("metrics/pack.json"))
+    pack.run(params, Path("data/mixed"), Path("data/packed"), Path("metrics/pack.json"))
 
 
 def test_run_writes_parquet_rows_and_metrics(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tokenizer, demo_params: Params
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer, demo_params: Params
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    write_mixed(tmp_path, tiny_model_dir, conversations() * 2, conversations()[:2])
+    write_mixed(tmp_path, tokenizer, conversations() * 2, conversations()[:2])
     run_pack(with_pack(demo_params, 256))
 
     assert sorted(p.name for p in (tmp_path / "data/packed").iterdir()) == ["train.parquet", "validation.parquet"]
     report = json.loads((tmp_path / "metrics/pack.json").read_text())
-    assert (report["strategy"], report["max_length"]) == ("bfd", 256)
+    assert (report["strategy"], report["overflow"], report["max_length"]) == ("bfd", "truncate", 256)
     for split, count in (("train", 8), ("validation", 2)):
         table = pq.read_table(tmp_path / f"data/packed/{split}.parquet").to_pylist()
         assert set(table[0]) == {"input_ids", "labels", "seq_lengths"}
@@ -287,14 +364,118 @@ def test_run_writes_parquet_rows_and_metrics(
         assert all(text.startswith("<think>\n") and text.endswith(f"\n{IM_END}") for text in decoded)
 
 
+def test_run_packs_the_token_ids_it_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_params) -> None:
+    """pack never tokenizes: ids no tokenizer would make come out exactly as mix wrote them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/mixed").mkdir(parents=True)
+    for split in ("train", "validation"):
+        pieces = [PROMPT_FIRST, FITS] if split == "train" else [ANSWER_FIRST]
+        rows = [Encoded(Example(str(i), "s", i, []), piece) for i, piece in enumerate(pieces)]
+        write_parquet(rows, tmp_path / f"data/mixed/{split}.parquet")
+    run_pack(with_pack(demo_params, 64))
+
+    train = pq.read_table(tmp_path / "data/packed/train.parquet").to_pylist()
+    assert train == [{"input_ids": PROMPT_FIRST.input_ids + FITS.input_ids,
+                      "labels": PROMPT_FIRST.labels + FITS.labels, "seq_lengths": [10, 3]}]  # fmt: skip
+
+
 def test_run_with_nothing_left_fails_and_leaves_no_output(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, demo_params: Params
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer, demo_params: Params
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    examples = [m["messages"] for m in overflow_examples()[1:3]]  # both longer than 128 tokens
-    write_mixed(tmp_path, tiny_model_dir, [SHORT], examples)
+    long_user = [
+        {"role": "user", "content": "My sister never calls me back and " * 40},
+        {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
+    ]
+    write_mixed(tmp_path, tokenizer, [SHORT], [long_user])  # truncation cuts off its whole assistant turn
 
-    expected = r"no validation rows left; see metrics/pack\.json and pack\.overflow"
+    expected = r"no validation rows left: none of its 1 examples keeps a labelled token within model\.max_length 128"
     with pytest.raises(click.ClickException, match=expected):
-        run_pack(with_pack(demo_params, 128, overflow="drop"))
+        run_pack(with_pack(demo_params, 128))
     assert not (tmp_path / "data/packed").exists() and not (tmp_path / "data/.packed.partial").exists()
+    assert not (tmp_path / "metrics/pack.json").exists()
+
+
+def test_over_length_example_under_drop_means_mix_is_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_params: Params
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/mixed").mkdir(parents=True)
+    write_parquet([Encoded(Example("a", "s", 1, []), FITS)], tmp_path / "data/mixed/train.parquet")
+    write_parquet([Encoded(Example("b7", "s", 1, []), PROMPT_FIRST)], tmp_path / "data/mixed/validation.parquet")
+    params = with_pack(demo_params, 64, overflow="drop")
+    params = params.model_copy(update={"model": params.model.model_copy(update={"max_length": 8})})
+
+    expected = r"data/mixed/validation\.parquet row 0 \(id b7\): 10 tokens, over model\.max_length 8 .* rerun mix"
+    with pytest.raises(click.ClickException, match=expected):
+        run_pack(params)
+    assert not (tmp_path / "data/packed").exists()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        (None, r"data/mixed/train\.parquet: missing; run the stage that writes it"),
+        (pa.table({"id": ["a"], "input_ids": [[1]], "labels": [[1]]}), r"train\.parquet: no column 'user_starts'"),
+        (
+            pa.table({"id": ["a"], "input_ids": [[1, 2]], "labels": [[1]], "user_starts": [[]]}),
+            r"train\.parquet row 0 \(id a\): 2 input_ids but 1 labels",
+        ),
+        ("not parquet", r"train\.parquet: not a Parquet file"),
+    ],
+)
+def test_bad_mixed_files_name_the_file_and_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_params: Params, table, message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/mixed").mkdir(parents=True)
+    if isinstance(table, pa.Table):
+        pq.write_table(table, tmp_path / "data/mixed/train.parquet")
+    elif table is not None:
+        (tmp_path / "data/mixed/train.parquet").write_text(table)
+    with pytest.raises(click.ClickException, match=message):
+        run_pack(demo_params)
+
+
+# --- on the real pipeline's output: `friction fetch`, `friction mix`, `friction pack` on the demo recipe ---------
+
+
+def test_packed_bfd_rows_train_exactly_the_assistant_turns(demo_pipeline: Path, tokenizer, demo_params) -> None:
+    max_length = demo_params.model.max_length
+    mixed = [row for split in ("train", "validation") for row in
+             pq.read_table(demo_pipeline / f"data/mixed/{split}.parquet").to_pylist()]  # fmt: skip
+    by_ids = {tuple(e["input_ids"][:max_length]): e for e in mixed}
+    whole = 0
+    for split in ("train", "validation"):
+        for row in pq.read_table(demo_pipeline / f"data/packed/{split}.parquet").to_pylist():
+            for ids, labels in segments(row):
+                example = by_ids[tuple(ids)]  # every packed example is a mixed one, whole or truncated
+                assert labels == example["labels"][: len(ids)]
+                if len(ids) == len(example["input_ids"]):
+                    whole += 1
+                    decoded = [tokenizer.decode(run) for run in labelled_runs(labels)]
+                    assistant = [f"{m['content']}\n{IM_END}" for m in example["messages"] if m["role"] == "assistant"]
+                    assert decoded == assistant
+    assert whole >= 10  # enough examples checked end to end
+
+
+def test_mixed_labels_of_the_real_output_are_the_assistant_turns(demo_pipeline: Path, tokenizer) -> None:
+    """Together with the test above: truncated examples are labelled exactly where their whole versions are."""
+    for split in ("train", "validation"):
+        for example in pq.read_table(demo_pipeline / f"data/mixed/{split}.parquet").to_pylist():
+            decoded = [tokenizer.decode(run) for run in labelled_runs(example["labels"])]
+            assert decoded == [f"{m['content']}\n{IM_END}" for m in example["messages"] if m["role"] == "assistant"]
+
+
+def test_stacked_rows_of_the_real_output_follow_the_originals_masking(
+    demo_pipeline: Path, tmp_path: Path, tokenizer, demo_params: Params
+) -> None:
+    params = with_pack(demo_params, 4096, strategy="stacked")  # room for whole examples: no truncation
+    pack.run(params, demo_pipeline / "data/mixed", tmp_path / "packed", tmp_path / "pack.json")
+    rows = pq.read_table(tmp_path / "packed/train.parquet").to_pylist()
+    report = json.loads((tmp_path / "pack.json").read_text())
+    assert all(len(row["seq_lengths"]) == 1 for row in rows)
+    assert len(rows) < report["train"]["packed_examples"]  # stacks of several examples
+    for row in rows:
+        text = tokenizer.decode(row["input_ids"])
+        assert [tokenizer.decode(run) for run in labelled_runs(row["labels"])] == original_trained_text(text)
