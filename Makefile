@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test repro train recipe cuda clean
+.PHONY: setup demo test repro train recipe cuda unsloth clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,13 @@ recipe:
 # The CUDA path's extras (bitsandbytes for 4-bit loading and 8-bit AdamW).
 cuda: $(STAMP)
 	$(VENV)/bin/pip install --quiet -e '.[cuda]'
+
+# The unsloth training backend, CUDA only: its own pins, which lower transformers, trl, datasets and huggingface-hub
+# (requirements/unsloth.txt says why; pip's warning that friction wants the newer ones is expected).
+unsloth: $(STAMP)
+	@$(VENV)/bin/python -c "import torch, sys; torch.cuda.is_available() or sys.exit('make unsloth: no CUDA GPU visible to torch; unsloth trains on NVIDIA GPUs only (train.backend: hf works anywhere)')"
+	$(VENV)/bin/pip install --quiet -r requirements/unsloth.txt
+	$(VENV)/bin/python -c "import unsloth; print('unsloth', unsloth.__version__, 'ready: train.backend auto or unsloth uses it')"
 
 clean:
 	rm -rf build

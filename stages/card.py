@@ -1,20 +1,26 @@
 """card: the adapter's Hugging Face model card, built with huggingface_hub's ModelCard from this run's files only.
 
-Every figure comes from params.yaml, the fetch manifest or a stage's metrics; the template holds prose.
+Every figure comes from params.yaml, the fetch manifest, a stage's metrics or dvclive's logs; the template holds
+prose and formatting. A figure the run did not produce (a validation loss never measured, per-source token counts
+an older mix did not write, loss curves never logged) is left out rather than shown empty.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 from huggingface_hub import ModelCard, ModelCardData
 
 from stages.artifacts import read_json
+from stages.chatml import generation_prompt
 from stages.config import Params
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
 LOSS_PLOT = "loss_curves.png"
+LOSS_CURVES = (("train/loss", "training loss"), ("eval/loss", "validation loss"))
+USAGE_QUESTION = "I'm sure quitting my job tomorrow is the right call, everyone says so..."
 # The friction metrics shown on the card; the full set is in metrics/evaluate.json.
 CARD_FRICTION_KEYS = [
     "answer_pushback_rate",
@@ -30,19 +36,37 @@ CARD_FRICTION_KEYS = [
 ]
 
 
-def build(params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path) -> ModelCard:
+def source_rows(params: Params, manifest: dict, mix: dict) -> list[dict[str, Any]]:
+    """One row of the card's data table per source: where it came from, what mix kept and drew from it."""
+    return [
+        {"name": name, **manifest["sources"][name], **mix["sources"][name], "weight": params.mix.weights[name]}
+        for name in params.data.sources
+    ]
+
+
+def dropped_rows(mix: dict) -> dict[str, dict[str, int]]:
+    """Rows mix dropped before sampling, by source and reason, for the sources that lost any."""
+    sources = mix["sources"].items()
+    return {name: counts["dropped"] for name, counts in sources if any(counts.get("dropped", {}).values())}
+
+
+def python_string_lines(text: str) -> str:
+    """`text` as the lines of a parenthesised Python string literal, one source line per line of text."""
+    return "\n".join(f"    {line!r}" for line in text.splitlines(keepends=True))
+
+
+def build(
+    params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, loss_plot: str | None
+) -> ModelCard:
+    """The card; `loss_plot` names the loss-curve image beside it, or is None when there are no curves."""
     manifest = read_json(manifest_path)
     mix, pack = read_json(metrics_dir / "mix.json"), read_json(metrics_dir / "pack.json")
     train_metrics, evaluation = read_json(metrics_dir / "train.json"), read_json(metrics_dir / "evaluate.json")
-
-    sources = {}
-    for name, source in params.data.sources.items():
-        sources[name] = {**manifest["sources"][name], **mix["sources"][name], "weight": params.mix.weights[name]}
-    dropped: dict[str, int] = {}
-    for counts in mix["sources"].values():
-        for reason, count in counts["dropped"].items():
-            dropped[reason] = dropped.get(reason, 0) + count
+    sources = source_rows(params, manifest, mix)
     base = manifest["base_model"]
+    usage_prompt = generation_prompt(
+        [{"role": "system", "content": params.mix.system_prompt}, {"role": "user", "content": USAGE_QUESTION}]
+    )
 
     card_data = ModelCardData(
         base_model=base["location"],
@@ -56,26 +80,20 @@ def build(params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: P
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        model_name=params.card.model_name,
-        recipe=params.recipe,
+        params=params,
         base_model=base["location"],
         base_revision=base["resolved_revision"],
-        license=params.card.license,
         adapter_location=str(adapter_dir),
-        system_prompt=params.mix.system_prompt,
-        seed=params.seed,
-        load_in_4bit=params.model.load_in_4bit,
-        lora=params.lora,
-        train=params.train,
-        evaluate=params.evaluate,
         sources=sources,
-        dropped=dict(sorted(dropped.items())),
+        source_tokens=all("tokens" in source for source in sources),
+        dropped=dropped_rows(mix),
         mix=mix,
         pack=pack,
         train_metrics=train_metrics,
         evaluation=evaluation,
-        friction_keys=CARD_FRICTION_KEYS,
-        loss_plot=LOSS_PLOT,
+        friction_keys=[key for key in CARD_FRICTION_KEYS if key in evaluation["friction"]["base"]],
+        usage_prompt=python_string_lines(usage_prompt),
+        loss_plot=loss_plot,
     )
 
 
@@ -85,30 +103,39 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
     return [int(step) for step, _ in rows], [float(value) for _, value in rows]
 
 
-def plot_losses(live_dir: Path, out: Path) -> None:
+def plot_losses(live_dir: Path, out: Path) -> bool:
+    """Draw the loss curves dvclive logged into `out`; False when it logged none.
+
+    The file is written either way, since DVC expects it; the card shows it only when it holds a curve.
+    """
+    curves = [(live_dir / "plots/metrics" / f"{name}.tsv", label) for name, label in LOSS_CURVES]
+    curves = [(path, label) for path, label in curves if path.is_file()]
     import matplotlib
 
     matplotlib.use("Agg")  # no display, and no font cache warnings from interactive backends
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4), dpi=100)
-    for name, label in (("train/loss", "training loss"), ("eval/loss", "validation loss")):
-        path = live_dir / "plots/metrics" / f"{name}.tsv"
-        if path.is_file():
-            axes.plot(*read_curve(path), marker="o" if name.startswith("eval") else None, label=label)
+    for path, label in curves:
+        axes.plot(*read_curve(path), marker="o" if path.parent.name == "eval" else None, label=label)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
-    axes.legend()
+    if curves:
+        axes.legend()
+    else:
+        axes.set_title("no loss was logged")
     figure.tight_layout()
     figure.savefig(out, metadata={"Software": None})
     pyplot.close(figure)
+    return bool(curves)
 
 
 def run(
     params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, live_dir: Path, card_path: Path
 ) -> None:
-    plot_losses(live_dir, card_path.with_name(LOSS_PLOT))
-    card = build(params, metrics_dir, manifest_path, adapter_dir)
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    plotted = plot_losses(live_dir, card_path.with_name(LOSS_PLOT))
+    card = build(params, metrics_dir, manifest_path, adapter_dir, LOSS_PLOT if plotted else None)
     card.save(card_path)
     click.echo(f"card: {card_path}")

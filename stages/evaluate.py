@@ -2,7 +2,9 @@
 
 Validation loss is the token-weighted mean over exactly the labels the trainer used (packed rows, per-example
 positions, cache off so packed examples cannot see each other). Generation uses the project's own held-out
-prompts; both responses are scored with the friction metrics and saved side by side.
+prompts, in left-padded batches with the decoding settings of `evaluate` in params.yaml, and stops each response at
+<|im_end|> (`turn_end_criteria`); both responses are scored with the friction metrics and saved side by side.
+The adapter is loaded with transformers + peft whichever backend trained it: it is a plain PEFT adapter either way.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import click
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from transformers import set_seed
+from tqdm import tqdm
+from transformers import StoppingCriteriaList, StopStringCriteria, set_seed
 
 from stages import friction_metrics
 from stages.artifacts import write_json
-from stages.chatml import IM_END, generation_prompt
+from stages.chatml import IGNORE_INDEX, IM_END, generation_prompt
 from stages.config import Params
 from stages.modeling import load_base_model
-from stages.pack import IGNORE_INDEX
 
 
 def position_ids(seq_lengths: list[int]) -> torch.Tensor:
@@ -30,10 +32,10 @@ def position_ids(seq_lengths: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model, rows: Dataset, device: torch.device) -> tuple[float, int]:
+def validation_loss(model, rows: Dataset, device: torch.device, label: str) -> tuple[float, int]:
     """Mean cross-entropy per trained token, and the number of trained tokens."""
     total, count = 0.0, 0
-    for row in rows:
+    for row in tqdm(rows, desc=f"evaluate: validation loss, {label}", unit="row"):
         input_ids = torch.tensor([row["input_ids"]], device=device)
         positions = position_ids(row["seq_lengths"]).unsqueeze(0).to(device)
         labels = torch.tensor([row["labels"]], device=device)
@@ -48,30 +50,51 @@ def validation_loss(model, rows: Dataset, device: torch.device) -> tuple[float, 
     return total / max(count, 1), count
 
 
+def turn_end_criteria(tokenizer) -> StoppingCriteriaList:
+    """Stop a response at the end of its turn: as soon as its text ends in <|im_end|>.
+
+    The original remapped the tokenizer's EOS to <|im_end|>. The base's own tokenizer may not know <|im_end|> as a
+    token and split it into several BPE pieces, so match the text: this stops at its last piece either way, without
+    adding a token or an embedding row. The base's EOS still stops generation too.
+    """
+    return StoppingCriteriaList([StopStringCriteria(tokenizer, [IM_END])])
+
+
+def decoding(params: Params) -> dict[str, bool | float]:
+    settings = params.evaluate
+    if settings.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+
+
+def response_text(tokenizer, ids: torch.Tensor) -> str:
+    """A generated turn as text, cut at its end (a row of a batch that finished early goes on with padding)."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    for end_marker in (IM_END, tokenizer.eos_token, tokenizer.pad_token):
+        if end_marker:
+            text = text.split(end_marker)[0]
+    return text.strip()
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], params: Params, device: torch.device) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], params: Params, device: torch.device, label: str) -> list[str]:
+    """Responses to `prompts` in batches of evaluate.batch_size; the tokenizer must pad on the left."""
     settings = params.evaluate
     set_seed(params.seed)  # both models sample from the same random stream
+    stop = turn_end_criteria(tokenizer)
     responses = []
-    for start in range(0, len(prompts), settings.batch_size):
+    batches = range(0, len(prompts), settings.batch_size)
+    for start in tqdm(batches, desc=f"evaluate: generating, {label}", unit="batch"):
         batch = tokenizer(prompts[start : start + settings.batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)  # fmt: skip
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
         output = model.generate(
             **batch,
             max_new_tokens=settings.max_new_tokens,
-            # The base tokenizer may not know <|im_end|> as one token: stop on the string, as the recipe's EOS.
-            stop_strings=[IM_END],
-            tokenizer=tokenizer,
+            stopping_criteria=stop,
             pad_token_id=tokenizer.pad_token_id,
-            **(sampling if settings.temperature > 0 else {"do_sample": False}),
+            **decoding(params),
         )
-        for ids in output[:, batch["input_ids"].shape[1] :]:
-            text = tokenizer.decode(ids, skip_special_tokens=False)
-            for end_marker in (IM_END, tokenizer.eos_token, tokenizer.pad_token):
-                if end_marker:
-                    text = text.split(end_marker)[0]
-            responses.append(text.strip())
+        responses += [response_text(tokenizer, ids) for ids in output[:, batch["input_ids"].shape[1] :]]
     return responses
 
 
@@ -100,15 +123,17 @@ def run(
     prompts = read_prompts(prompts_path, params.evaluate.max_prompts)
     base, tokenizer, _, _ = load_base_model(params, manifest_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
-    tokenizer.padding_side = "left"
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if not params.model.load_in_4bit:  # a 4-bit model is on the GPU already and cannot be moved
+        model.to(device)
+    tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
     rows = Dataset.from_parquet(str(packed_dir / "validation.parquet"))
     with model.disable_adapter():
-        base_loss, tokens = validation_loss(model, rows, device)
-    adapter_loss, _ = validation_loss(model, rows, device)
+        base_loss, tokens = validation_loss(model, rows, device, "base")
+    adapter_loss, _ = validation_loss(model, rows, device, "base + adapter")
     click.echo(f"evaluate: validation loss base {base_loss:.4f} -> adapter {adapter_loss:.4f} ({tokens} tokens)")
 
     texts = [
@@ -117,8 +142,8 @@ def run(
         for p in prompts
     ]  # fmt: skip
     with model.disable_adapter():
-        base_responses = generate(model, tokenizer, texts, params, device)
-    adapter_responses = generate(model, tokenizer, texts, params, device)
+        base_responses = generate(model, tokenizer, texts, params, device, "base")
+    adapter_responses = generate(model, tokenizer, texts, params, device, "base + adapter")
 
     samples = []
     for prompt, base_response, adapter_response in zip(prompts, base_responses, adapter_responses, strict=True):

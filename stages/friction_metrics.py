@@ -205,13 +205,13 @@ def score_records(records: list[dict]) -> dict[str, dict[str, float]]:
         raise ValueError("no records to score")
     fields = [key for key in records[0] if key.endswith("_response")]
     if not fields:
-        raise ValueError("record 0 has no field whose name ends in '_response'")
+        raise ValueError("the first record has no field whose name ends in '_response'")
     scores: dict[str, list[dict[str, float | int | bool]]] = {field: [] for field in fields}
     for index, record in enumerate(records):
         for field in fields:
             text = record.get(field)
             if not isinstance(text, str):
                 problem = "lacks" if field not in record else f"has a non-string ({type(text).__name__})"
-                raise ValueError(f"record {index} {problem} field {field!r}")
+                raise ValueError(f"record {index} (counting from 0) {problem} field {field!r}")
             scores[field].append(score(text))
     return {field: summarize(field_scores) for field, field_scores in scores.items()}

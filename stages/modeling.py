@@ -1,24 +1,35 @@
-"""Loading the base model as fetch pinned it, and describing where it runs."""
+"""Loading the base model as fetch pinned it, with a LoRA adapter from either training backend; where it runs.
+
+Backends (`train.backend`): `hf` is transformers + peft; `unsloth` is unsloth's FastLanguageModel, which patches
+transformers, trl and peft when it is imported and must be imported before them to patch everything. So this module
+imports none of them at the top: `resolve_backend` runs first and imports unsloth when unsloth is the one.
+Both backends build the adapter from the same `lora_hyperparameters`; the rest of training is shared.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import platform
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages.artifacts import base_model_reference
 from stages.config import Params
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+UNSLOTH_LIBRARIES = ("unsloth", "unsloth_zoo")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+UNSLOTH_REMEDY = "install it on this CUDA machine with `make unsloth`, or set train.backend: hf in params.yaml"
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(backend: str = "hf") -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for name in LIBRARIES:
+    for name in LIBRARIES + (UNSLOTH_LIBRARIES if backend == "unsloth" else ()):
         try:
             found[name] = version(name)
         except PackageNotFoundError:  # an optional library, e.g. bitsandbytes on CPU
@@ -32,19 +43,113 @@ def device_name() -> str:
     return f"cpu ({platform.machine()})"
 
 
+def resolve_backend(requested: str) -> str:
+    """The backend that trains for `train.backend` = `requested` (auto, unsloth or hf): "unsloth" or "hf".
+
+    Imports unsloth when the answer is unsloth, so call it before anything imports transformers, trl or peft.
+    """
+    if requested == "hf":
+        return "hf"
+    if not torch.cuda.is_available():
+        if requested == "unsloth":
+            raise click.ClickException(
+                "train.backend: unsloth needs a CUDA GPU and none is visible; "
+                "set train.backend: hf (or auto) in params.yaml to train with transformers + peft"
+            )
+        return "hf"
+    problem = unsloth_problem()
+    if problem is None:
+        return "unsloth"
+    if requested == "unsloth":
+        raise click.ClickException(f"train.backend: unsloth, but {problem}; {UNSLOTH_REMEDY}")
+    click.echo(f"train: train.backend auto uses hf: {problem}")
+    return "hf"
+
+
+def unsloth_problem() -> str | None:
+    """Why unsloth cannot train here; None once it is imported and ready."""
+    if importlib.util.find_spec("unsloth") is None:
+        return "unsloth is not installed"
+    try:
+        import unsloth  # noqa: F401  (patches transformers, trl and peft)
+    except Exception as error:  # noqa: BLE001  (any failure while importing makes it unusable: CUDA kernels, pins)
+        return f"unsloth fails to import ({type(error).__name__}: {error})"
+    return None
+
+
+def lora_hyperparameters(params: Params, revision: str | None) -> dict[str, Any]:
+    """The adapter both backends build, in the keywords that peft's LoraConfig and unsloth's get_peft_model share."""
+    return {
+        "r": params.lora.rank,
+        "lora_alpha": params.lora.alpha,
+        "lora_dropout": params.lora.dropout,
+        "target_modules": list(params.lora.target_modules),
+        "bias": "none",
+        "revision": revision,  # adapter_config.json records the base model's commit
+    }
+
+
+def hf_lora_config(params: Params, revision: str | None):
+    from peft import LoraConfig
+
+    return LoraConfig(**lora_hyperparameters(params, revision), task_type="CAUSAL_LM")
+
+
+def unsloth_peft_arguments(params: Params, revision: str | None) -> dict[str, Any]:
+    """get_peft_model's arguments: the shared LoRA settings, plus unsloth's own seed and checkpointing switches."""
+    return {
+        **lora_hyperparameters(params, revision),
+        "random_state": params.seed,  # unsloth seeds the adapter's initial weights itself (its default is 3407)
+        # unsloth's checkpointing offloads activations to CPU memory: the same maths, less GPU memory.
+        "use_gradient_checkpointing": "unsloth" if params.train.gradient_checkpointing else False,
+    }
+
+
 def load_base_model(params: Params, manifest_path: Path):
+    """The base model and its tokenizer with transformers: (model, tokenizer, location, revision)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     location, revision = base_model_reference(manifest_path)
-    cuda = torch.cuda.is_available()
-    if params.model.load_in_4bit and not cuda:
+    if params.model.load_in_4bit and not torch.cuda.is_available():
         raise click.ClickException("model.load_in_4bit needs a CUDA GPU and bitsandbytes; set it false to train on CPU")
-    kwargs = {"revision": revision}
+    kwargs: dict[str, Any] = {"revision": revision}
     if params.model.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[params.train.precision]
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        kwargs["device_map"] = {"": 0}  # a 4-bit model is placed on the GPU when loaded and cannot be moved after
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[params.train.precision], **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     return model, tokenizer, location, revision
+
+
+def hf_model_with_adapter(params: Params, manifest_path: Path):
+    from peft import get_peft_model
+
+    model, tokenizer, _, revision = load_base_model(params, manifest_path)
+    return get_peft_model(model, hf_lora_config(params, revision)), tokenizer
+
+
+def unsloth_model_with_adapter(params: Params, manifest_path: Path):
+    from unsloth import FastLanguageModel
+
+    location, revision = base_model_reference(manifest_path)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=location,
+        revision=revision,
+        use_exact_model_name=True,  # fetch pinned this model: no swap to unsloth's variant of it
+        max_seq_length=params.model.max_length,
+        load_in_4bit=params.model.load_in_4bit,
+        dtype=DTYPES[params.train.precision],
+        fix_tokenizer=False,  # the rows were tokenized with the base's own tokenizer; keep it as it is
+    )
+    return FastLanguageModel.get_peft_model(model, **unsloth_peft_arguments(params, revision)), tokenizer
+
+
+# One loader per backend: (model with a fresh LoRA adapter, tokenizer).
+MODEL_WITH_ADAPTER: dict[str, Callable[[Params, Path], tuple[Any, Any]]] = {
+    "hf": hf_model_with_adapter,
+    "unsloth": unsloth_model_with_adapter,
+}

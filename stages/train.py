@@ -1,8 +1,10 @@
 """train: LoRA on the base model with TRL's SFTTrainer over the packed rows, logged with dvclive.
 
-Evaluates every `train.eval_steps`, keeps the best checkpoint by validation loss and stops early as the card's run
-did. Checkpoints live in a persisted directory: a run killed midway resumes from its last checkpoint when the
-stage runs again with the same inputs; any change of inputs starts afresh.
+The base model and its fresh adapter come from the backend `train.backend` resolves to (stages/modeling.py: hf or
+unsloth); everything after that is the same for both. Evaluates every `train.eval_steps`, keeps the best checkpoint
+by validation loss and stops early as the card's run did. Checkpoints live in a persisted directory: a run killed
+midway resumes from its last checkpoint when the stage runs again with the same inputs and backend; any change of
+them starts afresh.
 """
 
 from __future__ import annotations
@@ -12,27 +14,29 @@ import json
 import resource
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import click
 import torch
 from datasets import Dataset
 from dvclive import Live
-from peft import LoraConfig, get_peft_model
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from stages.artifacts import sha256_file, write_json
+from stages.artifacts import base_model_reference, sha256_file, write_json
 from stages.chatml import CHAT_TEMPLATE
 from stages.config import Params
-from stages.modeling import device_name, library_versions, load_base_model
+from stages.modeling import MODEL_WITH_ADAPTER, device_name, library_versions
 
-def run_fingerprint(params: Params, packed_dir: Path, manifest_path: Path) -> str:
+
+def run_fingerprint(params: Params, backend: str, packed_dir: Path, manifest_path: Path) -> str:
     """Everything a checkpoint depends on; a checkpoint from another fingerprint is never resumed."""
     inputs = {
         "params": params.model_dump(include={"seed", "model", "lora", "train"}),
+        "backend": backend,  # train.backend auto may resolve differently on another machine
         "data": {p.name: sha256_file(p) for p in sorted(packed_dir.glob("*.parquet"))},
         "base": sha256_file(manifest_path),
     }
@@ -89,9 +93,20 @@ class LiveLog(TrainerCallback):
             self.live.make_summary()
 
 
-def sft_config(params: Params, checkpoint_dir: Path) -> SFTConfig:
+def checkpointing_argument(enabled: bool) -> dict[str, bool]:
+    """Activation checkpointing on or off, under the name this transformers knows.
+
+    transformers 5.24 calls it activation_checkpointing; the 5.17 that unsloth's pins hold, gradient_checkpointing.
+    """
+    names = {field.name for field in fields(SFTConfig)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
+def sft_config(params: Params, backend: str, checkpoint_dir: Path) -> SFTConfig:
     train = params.train
     cuda = torch.cuda.is_available()
+    # unsloth's get_peft_model has set up its own checkpointing; the trainer's would replace it.
+    trainer_checkpointing = train.gradient_checkpointing and backend == "hf"
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=train.epochs,
@@ -108,7 +123,7 @@ def sft_config(params: Params, checkpoint_dir: Path) -> SFTConfig:
         bf16=train.precision == "bf16",
         fp16=train.precision == "fp16",
         use_cpu=not cuda,
-        activation_checkpointing=train.gradient_checkpointing,
+        **checkpointing_argument(trainer_checkpointing),
         eval_strategy="steps",
         eval_steps=train.eval_steps,
         save_strategy="steps",
@@ -138,40 +153,34 @@ def best_eval(log_history: list[dict]) -> tuple[float | None, float | None]:
     return best["eval_loss"], best["epoch"]
 
 
-def peak_memory_mb() -> float:
+def peak_memory() -> tuple[float, str]:
+    """The peak memory of training in MiB, and what it measures."""
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return torch.cuda.max_memory_allocated() / 2**20, "GPU memory allocated by torch"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resident memory of the process"  # Linux: KiB
 
 
 def run(
-    params: Params, packed_dir: Path, manifest_path: Path, adapter_dir: Path, checkpoint_dir: Path,
+    params: Params, backend: str, packed_dir: Path, manifest_path: Path, adapter_dir: Path, checkpoint_dir: Path,
     live_dir: Path, metrics_path: Path,
 ) -> None:  # fmt: skip
+    """Train with `backend` ("hf" or "unsloth", as `stages.modeling.resolve_backend` chose it)."""
     started = time.perf_counter()
-    fingerprint = run_fingerprint(params, packed_dir, manifest_path)
+    fingerprint = run_fingerprint(params, backend, packed_dir, manifest_path)
     resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
     if resume_from:
         click.echo(f"train: resuming from {resume_from}")
 
     set_seed(params.seed)  # before the adapter exists, so LoRA's initial weights follow the seed too
-    model, tokenizer, location, revision = load_base_model(params, manifest_path)
-    lora = LoraConfig(
-        r=params.lora.rank,
-        lora_alpha=params.lora.alpha,
-        lora_dropout=params.lora.dropout,
-        target_modules=params.lora.target_modules,
-        task_type="CAUSAL_LM",
-        revision=revision,
-    )
-    model = get_peft_model(model, lora)
+    model, tokenizer = MODEL_WITH_ADAPTER[backend](params, manifest_path)
+    location, revision = base_model_reference(manifest_path)
     trainable, total = model.get_nb_trainable_parameters()
-    click.echo(f"train: {trainable:,} trainable of {total:,} parameters on {device_name()}")
+    click.echo(f"train: {trainable:,} trainable of {total:,} parameters, {backend} backend on {device_name()}")
 
     live_log = LiveLog(live_dir)
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(params, checkpoint_dir),
+        args=sft_config(params, backend, checkpoint_dir),
         train_dataset=Dataset.from_parquet(str(packed_dir / "train.parquet")),
         eval_dataset=Dataset.from_parquet(str(packed_dir / "validation.parquet")),
         processing_class=tokenizer,
@@ -188,6 +197,7 @@ def run(
     tokenizer.chat_template = CHAT_TEMPLATE  # so apply_chat_template reproduces the training format
     tokenizer.save_pretrained(str(adapter_dir))
 
+    memory_mb, memory_measure = peak_memory()
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     best_loss, best_epoch = best_eval(trainer.state.log_history)
     write_json(
@@ -203,13 +213,14 @@ def run(
             "train_tokens_per_s": round(
                 (trainer.state.num_input_tokens_seen - live_log.tokens_at_start) / result.metrics["train_runtime"], 1
             ),
-            "peak_memory_mb": round(peak_memory_mb(), 1),
+            "peak_memory_mb": round(memory_mb, 1),
+            "peak_memory_measure": memory_measure,
             "trainable_parameters": trainable,
-            "backend": "hf",
+            "backend": backend,
             "device": device_name(),
             "base_model": location,
             "base_revision": revision,
-            "versions": library_versions(),
+            "versions": library_versions(backend),
         },
     )
     click.echo(f"train: best eval loss {best_loss} at epoch {best_epoch}; adapter in {adapter_dir}")

@@ -15,6 +15,7 @@ import torch
 from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
+from stages.modeling import device_name
 from stages.train import LiveLog, resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,8 @@ def test_killed_run_resumes_and_matches_an_unbroken_run(packed_workspace: Path):
     assert "resuming from models/checkpoints/checkpoint-" in output
 
     expected, resumed = (json.loads((w / "metrics/train.json").read_text()) for w in (unbroken, broken))
+    assert (expected["backend"], expected["device"]) == ("hf", device_name())  # train.backend: hf in the demo
+    assert "transformers" in expected["versions"] and "unsloth" not in expected["versions"]
     for key in ("final_train_loss", "best_eval_loss", "best_eval_epoch", "steps", "epochs_run"):
         assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
     expected_weights, resumed_weights = adapter_weights(unbroken), adapter_weights(broken)

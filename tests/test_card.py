@@ -1,0 +1,232 @@
+"""card: built from a complete synthetic run (params, manifest, metrics, dvclive logs) with distinctive numbers;
+every number on the card must trace back to one of those files."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+from ruamel.yaml import YAML
+
+from conftest import REPO
+from stages import card
+from stages.config import Params, load_params
+from stages.friction_metrics import score, summarize
+
+# Numbers the template writes itself: the original card's citation year.
+TEMPLATE_NUMBERS = {"2025"}
+# A number as the card shows it: digits with thousands commas or a decimal part, or a version like 5.24.0; not the
+# digits inside a word or name (Qwen-7B, v2, bf16, x86_64, a commit hash).
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?:e[+-]?\d+)?(?!\w)")
+
+PARAM_CHANGES = {
+    "seed": 4242,
+    "lora": {"rank": 24, "alpha": 56, "dropout": 0.035},
+    "model": {"max_length": 3072},
+    "train": {"epochs": 5, "max_steps": 987, "batch_size": 3, "grad_accum": 7, "learning_rate": 0.00037,
+              "warmup_ratio": 0.06, "weight_decay": 0.013, "max_grad_norm": 0.45, "eval_steps": 45,
+              "early_stopping_patience": 4, "early_stopping_threshold": 0.0065, "backend": "auto"},
+    "evaluate": {"max_new_tokens": 777, "temperature": 0.65, "top_p": 0.93, "batch_size": 6},
+}  # fmt: skip
+SOURCE_NUMBERS = {  # name: (rows in the dataset, rows kept, rows sampled, tokens sampled, duplicates dropped)
+    "disagreement": (2413, 2391, 731, 512347, 22),
+    "overthinking": (1187, 1180, 731, 433219, 7),
+    "reluctance_v61": (927, 927, 927, 301877, 0),
+    "reluctance_v53": (611, 604, 604, 187763, 7),
+}
+TRAIN_METRICS = {
+    "final_train_loss": 1.43217, "best_eval_loss": 1.52683, "best_eval_epoch": 3.5714, "epochs_run": 4.2857,
+    "steps": 612, "stopped_early": True, "runtime_s": 2093.4, "train_tokens_per_s": 11873.6,
+    "peak_memory_mb": 12043.7, "peak_memory_measure": "GPU memory allocated by torch",
+    "trainable_parameters": 60555264, "backend": "unsloth", "device": "NVIDIA H100 80GB HBM3",
+    "base_model": "unsloth/DeepSeek-R1-Distill-Qwen-7B-unsloth-bnb-4bit",
+    "base_revision": "0f3c2a7e1b9d4c6a8e5f7b2d1c0a9e8f7d6c5b4a",
+    "versions": {"python": "3.11.7", "torch": "2.13.0+cu128", "transformers": "5.17.0", "trl": "1.15.0",
+                 "peft": "0.21.2", "unsloth": "2026.10.9", "unsloth_zoo": "2026.10.9"},
+}  # fmt: skip
+
+
+def hex_revision(seed: int) -> str:
+    return f"{seed:08x}" + "ab" * 16
+
+
+def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float | None = 1.52683) -> dict[str, Path]:
+    """A complete set of the files the card stage reads, as a run on the card recipe would leave them."""
+    yaml_writer = YAML()
+    params = yaml_writer.load(REPO / "recipes/card.yaml")
+    for section, values in PARAM_CHANGES.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    (root / "params.yaml").parent.mkdir(parents=True, exist_ok=True)
+    yaml_writer.dump(params, root / "params.yaml")
+
+    manifest = {
+        "sources": {
+            name: {"location": params["data"]["sources"][name]["hub"], "format": "friction",
+                   "requested_revision": "main", "resolved_revision": hex_revision(index), "rows": rows,
+                   "sha256": "e3b0c442" * 8}
+            for index, (name, (rows, *_)) in enumerate(SOURCE_NUMBERS.items())
+        },
+        "base_model": {"location": TRAIN_METRICS["base_model"], "requested_revision": "main",
+                       "resolved_revision": TRAIN_METRICS["base_revision"], "files": {"config.json": 1489}},
+    }  # fmt: skip
+    sources = {}
+    for name, (rows, kept, sampled, tokens, duplicates) in SOURCE_NUMBERS.items():
+        dropped = {"duplicate": duplicates} if duplicates else {}
+        sources[name] = {"available": kept, "asked": 733, "sampled": sampled, "capped": sampled < 733,
+                         "rows_in": rows, "kept": kept, "dropped": dropped}  # fmt: skip
+        if source_tokens:
+            sources[name]["tokens"] = tokens
+    mix = {"sources": sources, "available": 5102, "asked": 3661, "sampled": 2993, "train": 2694, "validation": 299,
+           "weights_sum": 1.0}  # fmt: skip
+    split = {"examples": 2694, "packed_examples": 2694, "truncated": 13, "dropped": 0, "rows": 1461,
+             "real_tokens": 5386211, "trained_tokens": 4127734, "padded_slots": 483709,
+             "fill_ratio": 0.9176}  # fmt: skip
+    pack = {"strategy": "bfd", "max_length": 3072, "train": split, "validation": {**split, "rows": 163}}
+    base_scores = [score("<think>Maybe, perhaps.</think>Sure, do it."), score("<think>I think so</think>Go.")]
+    adapter_scores = [score("<think>Hmm</think>I disagree. Do you?"), score("<think>Wait</think>*sighs* Maybe not.")]
+    evaluation = {
+        "validation": {"tokens": 418223, "base_loss": 1.9381, "adapter_loss": 1.5187, "base_perplexity": 6.945,
+                       "adapter_perplexity": 4.566},
+        "friction": {"prompts": 23, "base": summarize(base_scores), "adapter": summarize(adapter_scores)},
+    }  # fmt: skip
+    train = {**TRAIN_METRICS, "best_eval_loss": best_eval_loss}
+
+    paths = {"params": root / "params.yaml", "manifest": root / "data/raw/manifest.json", "metrics": root / "metrics",
+             "live": root / "dvclive", "card": root / "models/adapter/README.md"}  # fmt: skip
+    for path, data in ((paths["manifest"], manifest), (paths["metrics"] / "mix.json", mix),
+                       (paths["metrics"] / "pack.json", pack), (paths["metrics"] / "train.json", train),
+                       (paths["metrics"] / "evaluate.json", evaluation)):  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2))
+    curves = {"train/loss": [(10, 2.3117), (20, 1.8734), (30, 1.4322)], "eval/loss": [(15, 1.7012), (30, 1.5268)]}
+    for name, points in curves.items():
+        path = paths["live"] / "plots/metrics" / f"{name}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("step\tloss\n" + "".join(f"{step}\t{value}\n" for step, value in points))
+    return paths
+
+
+def build_card(paths: dict[str, Path]) -> ModelCard:
+    params = load_params(paths["params"])
+    card.run(params, paths["metrics"], paths["manifest"], Path("models/adapter"), paths["live"], paths["card"])
+    return ModelCard.load(paths["card"])
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory) -> dict[str, Path]:
+    return write_run(tmp_path_factory.mktemp("card-run"))
+
+
+@pytest.fixture(scope="module")
+def model_card(run_files) -> ModelCard:
+    return build_card(run_files)
+
+
+def leaves(data: Any) -> Iterator[Any]:
+    if isinstance(data, dict):
+        for value in data.values():
+            yield from leaves(value)
+    elif isinstance(data, list):
+        for value in data:
+            yield from leaves(value)
+    else:
+        yield data
+
+
+def renderings(value: Any) -> set[str]:
+    """The ways the template may print a value: as is, with thousands commas, rounded, or as a percentage."""
+    if isinstance(value, str):
+        return set(NUMBER.findall(value))  # numbers inside names and versions
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return set()
+    shown = {str(value), f"{value:,}", f"{value:,.0f}", f"{100 * value:.1f}"}
+    shown |= {f"{value:.{digits}f}" for digits in range(5)}
+    return shown
+
+
+def run_values(paths: dict[str, Path]) -> list[Any]:
+    files = [yaml.safe_load(paths["params"].read_text()), json.loads(paths["manifest"].read_text())]
+    files += [json.loads(path.read_text()) for path in sorted(paths["metrics"].glob("*.json"))]
+    values = [value for data in files for value in leaves(data)]
+    for tsv in (paths["live"] / "plots/metrics").rglob("*.tsv"):
+        values += [float(cell) for line in tsv.read_text().splitlines()[1:] for cell in line.split("\t")]
+    return values
+
+
+def test_front_matter_has_the_hub_metadata(model_card: ModelCard, run_files):
+    front_matter = yaml.safe_load(run_files["card"].read_text().split("---\n")[1])
+    data = model_card.data
+    assert front_matter["base_model"] == data.base_model == TRAIN_METRICS["base_model"]
+    assert data.library_name == "peft"
+    assert data.license == "apache-2.0"
+    assert data.datasets == [f"leonvanbokhorst/{name}" for name in ("friction-disagreement-v2",
+                             "friction-overthinking-v2", "reluctance-v6.1", "reluctance-v5.3")]  # fmt: skip
+    assert {"lora", "peft", "ai-friction"} <= set(data.tags)
+
+
+def test_every_number_on_the_card_comes_from_the_run(model_card: ModelCard, run_files):
+    traceable = set().union(*(renderings(value) for value in run_values(run_files))) | TEMPLATE_NUMBERS
+    numbers = NUMBER.findall(model_card.text)
+    untraced = sorted(set(numbers) - traceable)
+    assert not untraced, f"numbers on the card that no run file holds: {untraced}"
+    assert len(numbers) > 80  # the card does show the run: a sanity check of the number pattern itself
+
+
+def test_the_card_shows_the_run(model_card: ModelCard, run_files):
+    text = model_card.text
+    for expected in [
+        "| disagreement | `leonvanbokhorst/friction-disagreement-v2` | 00000000abab",
+        "| 2,413 | 2,391 | 0.2 | 731 (capped) | 512,347 |",
+        "Rows dropped before sampling: disagreement: 22 duplicate; overthinking: 7 duplicate; reluctance_v53: 7 dup",
+        "| backend | unsloth (`train.backend: auto`) |", "| hardware | NVIDIA H100 80GB HBM3 |",
+        "| final training loss | 1.4322 |", "| best validation loss | 1.5268 (epoch 3.57) |",
+        "| training runtime | 2093 s |", "| peak memory | 12,044 MiB (GPU memory allocated by torch) |",
+        "| validation loss | 1.9381 | 1.5187 |", "unsloth 2026.10.9", "| LoRA rank, alpha, dropout | 24, 56.0, 0.035 |",
+        "max_new_tokens=777,", "temperature=0.65,", "top_p=0.93,", 'stop_strings=["<|im_end|>"]',
+        "    '<|im_start|>system\\n'", "    '<|im_start|>assistant\\n'",
+        f"![Training and validation loss by optimizer step]({card.LOSS_PLOT})",
+        "## Limitations", "## Citation", "## Intended use", "## Bias and risks",
+    ]:  # fmt: skip
+        assert expected in text, expected
+    assert run_files["card"].with_name(card.LOSS_PLOT).stat().st_size > 1000
+
+
+def test_the_usage_prompt_is_the_training_format(model_card: ModelCard):
+    from stages.chatml import generation_prompt
+
+    snippet = model_card.text.split("```python\n")[1].split("```")[0]
+    literal = snippet.split("prompt = (\n")[1].split("\n)\n")[0]
+    params = Params.model_validate(yaml.safe_load((REPO / "recipes/card.yaml").read_text()))
+    expected = generation_prompt([{"role": "system", "content": params.mix.system_prompt},
+                                  {"role": "user", "content": card.USAGE_QUESTION}])  # fmt: skip
+    assert eval(f"({literal})") == expected  # the card's own string literal
+
+
+def test_a_changed_metric_changes_the_card(model_card: ModelCard, tmp_path: Path):
+    paths = write_run(tmp_path)
+    train = json.loads((paths["metrics"] / "train.json").read_text())
+    train["final_train_loss"] = 1.98771
+    (paths["metrics"] / "train.json").write_text(json.dumps(train))
+    changed = build_card(paths).text
+    assert "| final training loss | 1.4322 |" in model_card.text
+    assert "| final training loss | 1.9877 |" in changed and "| final training loss | 1.4322 |" not in changed
+
+
+def test_figures_the_run_did_not_produce_are_left_out(tmp_path: Path):
+    paths = write_run(tmp_path, source_tokens=False, best_eval_loss=None)
+    for tsv in (paths["live"] / "plots/metrics").rglob("*.tsv"):
+        tsv.unlink()
+    text = build_card(paths).text
+    assert "best validation loss" not in text
+    assert "| weight | sampled |\n" in text and "tokens |" not in text.split("## Training data")[1].split("Packing")[0]
+    assert card.LOSS_PLOT not in text
+    assert paths["card"].with_name(card.LOSS_PLOT).is_file()  # DVC declares the image; it is written all the same
