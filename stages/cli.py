@@ -1,4 +1,4 @@
-"""`friction`: one subcommand per DVC stage (what dvc.yaml runs), plus the demo's base model and the scorer.
+"""`friction`: one subcommand per DVC stage (what dvc.yaml runs), plus the demo's base model, the scorer and `pin`.
 
 Each stage validates params.yaml before any heavy import or work, and its default paths are the ones dvc.yaml
 declares for it.
@@ -39,27 +39,27 @@ def fetch(out: Path) -> None:
 
 @main.command()
 @path_option("--raw", "data/raw", "Output of fetch.")
-@path_option("--out", "data/mixed", "train.jsonl, validation.jsonl and dropped.jsonl.")
-@path_option("--metrics", str(METRICS / "mix.json"), "Per-source counts.")
-def mix(raw: Path, out: Path, metrics: Path) -> None:
-    """Normalise, clean, sample and split the examples."""
+@path_option("--manifest", str(MANIFEST), "Names the base model whose tokenizer is used.")
+@path_option("--out", "data/mixed", "train.parquet, validation.parquet and dropped.jsonl.")
+@path_option("--metrics", str(METRICS / "mix.json"), "Per-source counts of rows and tokens.")
+def mix(raw: Path, manifest: Path, out: Path, metrics: Path) -> None:
+    """Normalise, clean, tokenize, sample and split the examples."""
     params = load_params()
     from stages import mix as stage
 
-    stage.run(params, raw, out, metrics)
+    stage.run(params, raw, manifest, out, metrics)
 
 
 @main.command()
-@path_option("--mixed", "data/mixed", "Output of mix.")
-@path_option("--manifest", str(MANIFEST), "Names the base model whose tokenizer is used.")
+@path_option("--mixed", "data/mixed", "Output of mix (token ids and labels).")
 @path_option("--out", "data/packed", "train.parquet and validation.parquet.")
 @path_option("--metrics", str(METRICS / "pack.json"), "Rows, tokens and fill ratio.")
-def pack(mixed: Path, manifest: Path, out: Path, metrics: Path) -> None:
-    """Tokenize, mask all but the assistant turns, pack into rows."""
+def pack(mixed: Path, out: Path, metrics: Path) -> None:
+    """Cut over-length examples and pack the token ids into rows."""
     params = load_params()
     from stages import pack as stage
 
-    stage.run(params, mixed, manifest, out, metrics)
+    stage.run(params, mixed, out, metrics)
 
 
 @main.command()
@@ -70,11 +70,14 @@ def pack(mixed: Path, manifest: Path, out: Path, metrics: Path) -> None:
 @path_option("--live", "dvclive", "dvclive logs and plots.")
 @path_option("--metrics", str(METRICS / "train.json"), "Training summary.")
 def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: Path, metrics: Path) -> None:
-    """Train the LoRA adapter."""
+    """Train the LoRA adapter with the backend train.backend names (auto: unsloth on a CUDA GPU if installed)."""
     params = load_params()
+    from stages.modeling import resolve_backend
+
+    backend = resolve_backend(params.train.backend)  # first: it imports unsloth, which must precede transformers
     from stages import train as stage
 
-    stage.run(params, packed, manifest, adapter, checkpoints, live, metrics)
+    stage.run(params, backend, packed, manifest, adapter, checkpoints, live, metrics)
 
 
 @main.command()
@@ -123,12 +126,34 @@ def demo_base(out: Path, vocab_size: int) -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def score(files: tuple[Path, ...]) -> None:
-    """Friction metrics of every *_response field in JSON or JSON Lines FILES."""
+    """Friction metrics of every *_response field in JSON or JSON Lines FILES, as one JSON object keyed by file.
+
+    E.g. data/eval/samples.jsonl (what evaluate wrote), or any file of objects with *_response string fields.
+    """
     from stages import friction_metrics
 
+    summaries = {}
     for path in files:
         try:
-            summary = friction_metrics.score_records(friction_metrics.load_records(path))
-        except ValueError as error:
+            records = friction_metrics.load_records(path)
+        except UnicodeDecodeError as error:
+            raise click.ClickException(f"{path}: not UTF-8 text (byte {error.start})") from None
+        except ValueError as error:  # its message names the file and the line
             raise click.ClickException(str(error)) from None
-        click.echo(json.dumps({str(path): summary}, indent=2))
+        try:
+            summaries[str(path)] = friction_metrics.score_records(records)
+        except ValueError as error:
+            raise click.ClickException(f"{path}: {error}") from None
+    click.echo(json.dumps(summaries, indent=2))
+
+
+@main.command()
+def pin() -> None:
+    """Replace each Hub revision in params.yaml that is a branch or tag by the commit it names now.
+
+    Asks the Hub, or with HF_HUB_OFFLINE=1 the local Hugging Face cache. Comments and layout are kept.
+    """
+    params = load_params()
+    from stages import pin as stage
+
+    stage.run(params)

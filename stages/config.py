@@ -67,10 +67,14 @@ class DataParams(Section):
 
 class MixParams(Section):
     weights: dict[str, Annotated[float, Field(ge=0)]]
-    """Share of the mixed examples drawn from each source; keys are the names in data.sources."""
+    """Share of the mix drawn from each source (of its examples or tokens, see `weighting`); keys are the names in
+    data.sources. Not renormalised: a sum other than 1 is reported and warned about."""
+    weighting: Literal["examples", "tokens"] = "examples"
+    """examples: weights are shares of the example count (the original code). tokens: shares of the training tokens
+    (what the card claims; the original never ran it). The exact rules are in stages/mix.py."""
     target_max: int = Field(ge=1)
     target_fraction: float = Field(gt=0, le=1)
-    """The mix asks for min(target_max, int(target_fraction x all rows)) examples."""
+    """The mix asks for min(target_max, int(target_fraction x all clean rows)) examples."""
     validation_fraction: float = Field(gt=0, lt=1)
     system_prompt: str = Field(min_length=1)
     on_bad_rows: Literal["drop", "fail"] = "drop"
@@ -79,9 +83,10 @@ class MixParams(Section):
 class PackParams(Section):
     strategy: Literal["bfd", "stacked"] = "bfd"
     """bfd: best-fit-decreasing, each example attends only to itself. stacked: the original's greedy next-fit,
-    examples in a row attend to each other."""
-    overflow: Literal["truncate", "drop"] = "truncate"
-    """What to do with an example longer than model.max_length."""
+    examples in a row attend to each other, and its loss masking (see stages/pack.py)."""
+    overflow: Literal["truncate", "split", "drop"] = "truncate"
+    """An example longer than model.max_length: truncate keeps its first max_length tokens, split cuts it into
+    consecutive max_length pieces (each its own example), drop leaves it out (mix drops it as a dirty row)."""
 
 
 class LoraParams(Section):
@@ -109,6 +114,9 @@ class TrainParams(Section):
     early_stopping_threshold: float = Field(ge=0)
     gradient_checkpointing: bool = True
     logging_steps: int = Field(default=10, ge=1)
+    backend: Literal["auto", "unsloth", "hf"] = "auto"
+    """hf: transformers + peft. unsloth: unsloth's FastLanguageModel (CUDA only, an optional install: make unsloth).
+    auto: unsloth when a CUDA GPU is visible and unsloth imports, else hf. metrics/train.json records the one used."""
 
 
 class EvaluateParams(Section):
