@@ -162,6 +162,8 @@ def reluctance_messages(row: dict) -> list[dict[str, str]]:
 
 def read_source(path: Path, name: str, source_format: str, system_prompt: str) -> tuple[list[Example], list[dict]]:
     """Parse one fetched source; return its examples and a record for every row dropped."""
+    if not path.is_file():
+        raise click.ClickException(f"{path}: missing, though the fetch manifest lists source {name!r}; rerun fetch")
     examples, dropped = [], []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from stages.chatml import IM_END, IM_START
+from stages.chatml import IGNORE_INDEX, IM_END, IM_START
 from stages.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,3 +135,16 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
 def demo_pipeline(demo_workspace: Callable[..., Path]) -> Path:
     """A demo workspace after `friction fetch`, `friction mix` and `friction pack`; tests read it, never write it."""
     return demo_workspace("demo-pipeline", hash_seed="1")
+
+
+def labelled_runs(labels: list[int]) -> list[list[int]]:
+    """The maximal runs of trained (non-ignored) labels."""
+    runs: list[list[int]] = []
+    previous = IGNORE_INDEX
+    for label in labels:
+        if label != IGNORE_INDEX:
+            if previous == IGNORE_INDEX:
+                runs.append([])
+            runs[-1].append(label)
+        previous = label
+    return runs

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pyarrow.parquet as pq
 import pytest
-from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, reluctance_text
+from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, reluctance_text
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer
 
@@ -361,6 +361,14 @@ def test_source_missing_from_manifest(workspace: Path, make_params: Callable) ->
         run_mix(make_params({"fr_a": "friction", "fr_b": "friction"}))
 
 
+def test_fetched_file_missing_is_a_clear_error(workspace: Path, make_params: Callable) -> None:
+    write_raw(Path("data/raw"), {"fr_a": [friction_row("1")], "fr_b": [friction_row("2")]})
+    Path("data/raw/fr_b.jsonl").unlink()
+    with pytest.raises(click.ClickException, match=r"data/raw/fr_b\.jsonl: missing, .* rerun fetch"):
+        run_mix(make_params({"fr_a": "friction", "fr_b": "friction"}))
+    assert not Path("data/mixed").exists()
+
+
 def outputs(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -395,19 +403,6 @@ CONVERSATIONS = [
     reluctance_messages({"text": MULTI_TURN}),  # two assistant turns, non-ASCII text
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nok\n</think>\nHello."}],
 ]
-
-
-def labelled_runs(labels: list[int]) -> list[list[int]]:
-    """The maximal runs of trained (non-ignored) labels."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=["friction", "multi-turn", "no-system"])

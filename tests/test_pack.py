@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import SYSTEM_PROMPT, friction_row, reluctance_text
+from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from stages import pack
@@ -69,19 +69,6 @@ def with_pack(params: Params, max_length: int, strategy: str = "bfd", overflow: 
             "pack": PackParams(strategy=strategy, overflow=overflow),
         }
     )
-
-
-def labelled_runs(labels: list[int]) -> list[list[int]]:
-    """The maximal runs of trained (non-ignored) labels."""
-    runs: list[list[int]] = []
-    previous = IGNORE_INDEX
-    for label in labels:
-        if label != IGNORE_INDEX:
-            if previous == IGNORE_INDEX:
-                runs.append([])
-            runs[-1].append(label)
-        previous = label
-    return runs
 
 
 def segments(row: dict) -> list[tuple[list[int], list[int]]]:
