@@ -103,13 +103,15 @@ def read_curve(path: Path) -> tuple[list[int], list[float]]:
     return [int(step) for step, _ in rows], [float(value) for _, value in rows]
 
 
-def plot_losses(live_dir: Path, out: Path) -> bool:
-    """Draw the loss curves dvclive logged into `out`; False when it logged none.
-
-    The file is written either way, since DVC expects it; the card shows it only when it holds a curve.
-    """
+def logged_curves(live_dir: Path) -> list[tuple[Path, str]]:
+    """The loss curves dvclive logged: (TSV path, legend label)."""
     curves = [(live_dir / "plots/metrics" / f"{name}.tsv", label) for name, label in LOSS_CURVES]
-    curves = [(path, label) for path, label in curves if path.is_file()]
+    return [(path, label) for path, label in curves if path.is_file()]
+
+
+def plot_losses(curves: list[tuple[Path, str]], out: Path) -> None:
+    """Draw `curves` into `out`. The file is written even without a curve, since DVC expects it; the card shows it
+    only when it holds one."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display, and no font cache warnings from interactive backends
@@ -128,14 +130,14 @@ def plot_losses(live_dir: Path, out: Path) -> bool:
     figure.tight_layout()
     figure.savefig(out, metadata={"Software": None})
     pyplot.close(figure)
-    return bool(curves)
 
 
 def run(
     params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, live_dir: Path, card_path: Path
 ) -> None:
+    curves = logged_curves(live_dir)
+    card = build(params, metrics_dir, manifest_path, adapter_dir, LOSS_PLOT if curves else None)
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    plotted = plot_losses(live_dir, card_path.with_name(LOSS_PLOT))
-    card = build(params, metrics_dir, manifest_path, adapter_dir, LOSS_PLOT if plotted else None)
+    plot_losses(curves, card_path.with_name(LOSS_PLOT))
     card.save(card_path)
     click.echo(f"card: {card_path}")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
+from stages.artifacts import RAW_MANIFEST
 from stages.config import load_params
 
-MANIFEST = Path("data/raw/manifest.json")
 METRICS = Path("metrics")
 ADAPTER = Path("models/adapter")
 
@@ -39,7 +39,7 @@ def fetch(out: Path) -> None:
 
 @main.command()
 @path_option("--raw", "data/raw", "Output of fetch.")
-@path_option("--manifest", str(MANIFEST), "Names the base model whose tokenizer is used.")
+@path_option("--manifest", str(RAW_MANIFEST), "Names the base model whose tokenizer is used.")
 @path_option("--out", "data/mixed", "train.parquet, validation.parquet and dropped.jsonl.")
 @path_option("--metrics", str(METRICS / "mix.json"), "Per-source counts of rows and tokens.")
 def mix(raw: Path, manifest: Path, out: Path, metrics: Path) -> None:
@@ -64,7 +64,7 @@ def pack(mixed: Path, out: Path, metrics: Path) -> None:
 
 @main.command()
 @path_option("--packed", "data/packed", "Output of pack.")
-@path_option("--manifest", str(MANIFEST), "Names the base model.")
+@path_option("--manifest", str(RAW_MANIFEST), "Names the base model.")
 @path_option("--adapter", str(ADAPTER), "Where the PEFT adapter and tokenizer go.")
 @path_option("--checkpoints", "models/checkpoints", "Resumable checkpoints (persisted across runs).")
 @path_option("--live", "dvclive", "dvclive logs and plots.")
@@ -82,7 +82,7 @@ def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: 
 
 @main.command()
 @path_option("--packed", "data/packed", "Output of pack (validation rows).")
-@path_option("--manifest", str(MANIFEST), "Names the base model.")
+@path_option("--manifest", str(RAW_MANIFEST), "Names the base model.")
 @path_option("--adapter", str(ADAPTER), "Output of train.")
 @path_option("--prompts", "data/eval/prompts.jsonl", "Held-out prompts, one JSON object with 'prompt' a line.")
 @path_option("--samples", "data/eval/samples.jsonl", "Both models' responses with their metrics.")
@@ -97,7 +97,7 @@ def evaluate(packed: Path, manifest: Path, adapter: Path, prompts: Path, samples
 
 @main.command()
 @path_option("--metrics-dir", str(METRICS), "Metrics of mix, pack, train and evaluate.")
-@path_option("--manifest", str(MANIFEST), "Output of fetch.")
+@path_option("--manifest", str(RAW_MANIFEST), "Output of fetch.")
 @path_option("--adapter", str(ADAPTER), "The adapter the card describes.")
 @path_option("--live", "dvclive", "dvclive logs of train (loss curves).")
 @path_option("--out", str(ADAPTER / "README.md"), "The model card; the loss plot goes beside it.")

@@ -195,8 +195,19 @@ class Resolved(NamedTuple):
         return (self.repo_id, self.revision) == (later.repo_id, later.revision) and self.commit != later.commit
 
 
+def resolved_commits(manifest: dict) -> dict[str, Resolved]:
+    """What a fetch resolved, by revision key (`model.revision`, `data.sources.<name>.revision`)."""
+    entries = {f"data.sources.{name}.revision": entry for name, entry in manifest["sources"].items()}
+    entries["model.revision"] = manifest["base_model"]
+    return {
+        key: Resolved(entry["location"], entry["requested_revision"], entry["resolved_revision"])
+        for key, entry in entries.items()
+        if entry["resolved_revision"] is not None  # local sources and models
+    }
+
+
 def last_fetch_commits(manifest_path: Path = RAW_MANIFEST) -> dict[str, Resolved]:
-    """What a fetch resolved, by revision key (`model.revision`, `data.sources.<name>.revision`); empty if unknown."""
+    """What the last fetch resolved, from its manifest in the workspace or in DVC's cache; empty if unknown."""
     try:
         if manifest_path.is_file():
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -205,15 +216,9 @@ def last_fetch_commits(manifest_path: Path = RAW_MANIFEST) -> dict[str, Resolved
             import dvc.api
 
             manifest = json.loads(dvc.api.read(str(manifest_path)))
-        entries = {f"data.sources.{name}.revision": entry for name, entry in manifest["sources"].items()}
-        entries["model.revision"] = manifest["base_model"]
+        return resolved_commits(manifest)
     except Exception:  # noqa: BLE001 - no DVC repo, never fetched, cache gone: nothing to compare, not an error
         return {}
-    return {
-        key: Resolved(entry["location"], entry["requested_revision"], entry["resolved_revision"])
-        for key, entry in entries.items()
-        if entry["resolved_revision"] is not None  # local sources and models
-    }
 
 
 def warn_about_upstream_changes(before: dict[str, Resolved], now: dict[str, Resolved]) -> None:
@@ -232,8 +237,7 @@ def warn_about_upstream_changes(before: dict[str, Resolved], now: dict[str, Reso
 
 
 def run(params: Params, out_dir: Path) -> None:
-    manifest_path = out_dir / "manifest.json"
-    before = last_fetch_commits(manifest_path)  # before atomic_output replaces it
+    before = last_fetch_commits(out_dir / "manifest.json")  # before atomic_output replaces it
     with atomic_output(out_dir) as scratch:
         scratch.mkdir()
         sources = {}
@@ -244,4 +248,4 @@ def run(params: Params, out_dir: Path) -> None:
         click.echo(f"fetch: base model <- {params.model.base}")
         manifest = {"sources": sources, "base_model": fetch_base_model(params.model)}
         write_json(scratch / "manifest.json", manifest)
-    warn_about_upstream_changes(before, last_fetch_commits(manifest_path))
+    warn_about_upstream_changes(before, resolved_commits(manifest))

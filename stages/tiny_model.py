@@ -28,7 +28,7 @@ SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 VOCAB_MULTIPLE = 64
 
 
-def _train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] = SPECIAL_TOKENS) -> Tokenizer:
     # Qwen2Tokenizer ignores the pipeline stored in tokenizer.json and rebuilds this exact one on load, so training
     # with any other would give merges that encode differently after reload.
     tokenizer = Tokenizer(models.BPE())
@@ -42,7 +42,7 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         # Every byte gets a token even if the corpus lacks it, so any text encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -59,7 +59,7 @@ def build_tiny_model(texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3
     """
     tokenizer = Qwen2Tokenizer(
         # Saved as is, so tokenizer.json keeps the trained pipeline and a reload can be checked against it.
-        tokenizer_object=_train_tokenizer(texts, vocab_size),
+        tokenizer_object=train_bpe(texts, vocab_size),
         # Qwen2 has no unk or bos token: byte-level BPE can encode any text, and prompts start with ChatML markers.
         unk_token=None,
         bos_token=None,

@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -20,15 +19,14 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedTokenizerFast,
 )
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from conftest import SYSTEM_PROMPT, TINY_CORPUS
 from stages import evaluate, friction_metrics
 from stages.chatml import IGNORE_INDEX, IM_END, IM_START, generation_prompt, render
 from stages.cli import main
 from stages.config import Params
+from stages.tiny_model import ENDOFTEXT, train_bpe
 
-ENDOFTEXT = "<|endoftext|>"
 IM_START_USER = f"{IM_START}user"
 
 
@@ -38,20 +36,7 @@ def pieces_tokenizer() -> PreTrainedTokenizerFast:
 
     Trained on ChatML text, so <|im_end|> comes out as several pieces, the last one running on into the newline.
     """
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=[ENDOFTEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )  # fmt: skip
-    bpe.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    bpe = train_bpe(TINY_CORPUS * 4, vocab_size=400, special_tokens=[ENDOFTEXT])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT)
     tokenizer.padding_side = "left"
     return tokenizer
