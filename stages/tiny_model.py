@@ -51,11 +51,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] =
     return tokenizer
 
 
-def build_tiny_model(texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3000, seed: int = 0) -> None:
+def build_tiny_model(
+    texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3000, seed: int = 0, **shape: Any
+) -> None:
     """Train a tokenizer on ``texts`` and write it with a randomly initialised tiny Qwen2 model to ``out_dir``.
 
     The folder loads with ``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` and is byte-identical on every
-    rebuild from the same texts, vocabulary size and seed.
+    rebuild from the same texts, vocabulary size and seed. ``shape``: Qwen2Config fields that replace the tiny ones
+    (bench/ builds a model of Qwen2.5-0.5B's shape this way); a larger ``vocab_size`` there leaves embedding rows that
+    no token of the tokenizer uses, as Qwen's own padded rows are.
     """
     tokenizer = Qwen2Tokenizer(
         # Saved as is, so tokenizer.json keeps the trained pipeline and a reload can be checked against it.
@@ -70,7 +74,7 @@ def build_tiny_model(texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3
     )
     endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
 
-    config = Qwen2Config(
+    tiny = dict(
         vocab_size=-(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
         hidden_size=128,
         intermediate_size=256,
@@ -85,6 +89,7 @@ def build_tiny_model(texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3
         pad_token_id=endoftext_id,
         dtype=torch.float32,
     )
+    config = Qwen2Config(**(tiny | shape))
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import resource
 import shutil
+import statistics
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -30,6 +31,18 @@ from stages.artifacts import base_model_reference, sha256_file, write_json
 from stages.chatml import CHAT_TEMPLATE
 from stages.config import Params
 from stages.modeling import MODEL_WITH_ADAPTER, device_name, library_versions
+
+
+def packed_datasets(packed_dir: Path, backend: str, max_length: int) -> tuple[Dataset, Dataset]:
+    """The packed train and validation rows, as `backend` must be handed them."""
+    splits = tuple(Dataset.from_parquet(str(packed_dir / f"{split}.parquet")) for split in ("train", "validation"))
+    if backend == "unsloth":
+        for rows in splits:
+            # pack wrote no row longer than model.max_length. unsloth reads that claim from this attribute (its
+            # "truncation attestation"); without it, unsloth turns padding-free batching off, and then the examples
+            # packed in a row attend to each other (seen with unsloth 2026.10.9 on an H100, BENCHMARKS.md).
+            rows._unsloth_truncated_to = max_length
+    return splits
 
 
 def run_fingerprint(params: Params, backend: str, packed_dir: Path, manifest_path: Path) -> str:
@@ -91,6 +104,36 @@ class LiveLog(TrainerCallback):
             for name, value in logged.items():
                 self.live.log_metric(name, value)
             self.live.make_summary()
+
+
+class StepTimer(TrainerCallback):
+    """Wall time and input tokens of every optimizer step; evaluation, checkpointing and logging fall outside."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, float]] = []  # (tokens, seconds)
+        self._started = 0.0
+        self._tokens_before = 0
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._synchronize()
+        self._started = time.perf_counter()
+        self._tokens_before = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self._synchronize()
+        self.steps.append((state.num_input_tokens_seen - self._tokens_before, time.perf_counter() - self._started))
+
+    @staticmethod
+    def _synchronize() -> None:
+        if torch.cuda.is_available():  # CUDA runs ahead of Python: wait for the step's kernels before reading the clock
+            torch.cuda.synchronize()
+
+    def steady_rate(self) -> tuple[float | None, float | None]:
+        """(median seconds per step, median tokens/s per step) with this session's first step, the warm-up, left out."""
+        steady = self.steps[1:] or self.steps
+        if not steady:
+            return None, None
+        return statistics.median(s for _, s in steady), statistics.median(t / s for t, s in steady)
 
 
 def checkpointing_argument(enabled: bool) -> dict[str, bool]:
@@ -177,16 +220,18 @@ def run(
     trainable, total = model.get_nb_trainable_parameters()
     click.echo(f"train: {trainable:,} trainable of {total:,} parameters, {backend} backend on {device_name()}")
 
-    live_log = LiveLog(live_dir)
+    train_rows, validation_rows = packed_datasets(packed_dir, backend, params.model.max_length)
+    live_log, step_timer = LiveLog(live_dir), StepTimer()
     trainer = SFTTrainer(
         model=model,
         args=sft_config(params, backend, checkpoint_dir),
-        train_dataset=Dataset.from_parquet(str(packed_dir / "train.parquet")),
-        eval_dataset=Dataset.from_parquet(str(packed_dir / "validation.parquet")),
+        train_dataset=train_rows,
+        eval_dataset=validation_rows,
         processing_class=tokenizer,
         callbacks=[
             EarlyStoppingCallback(params.train.early_stopping_patience, params.train.early_stopping_threshold),
             live_log,
+            step_timer,
         ],
     )
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -200,6 +245,7 @@ def run(
     memory_mb, memory_measure = peak_memory()
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     best_loss, best_epoch = best_eval(trainer.state.log_history)
+    step_seconds, steady_tokens_per_s = step_timer.steady_rate()
     write_json(
         metrics_path,
         {
@@ -213,6 +259,9 @@ def run(
             "train_tokens_per_s": round(
                 (trainer.state.num_input_tokens_seen - live_log.tokens_at_start) / result.metrics["train_runtime"], 1
             ),
+            # Training steps alone (no evaluation, checkpointing or warm-up): what bench/ compares across backends.
+            "step_seconds_median": None if step_seconds is None else round(step_seconds, 4),
+            "steady_tokens_per_s": None if steady_tokens_per_s is None else round(steady_tokens_per_s, 1),
             "peak_memory_mb": round(memory_mb, 1),
             "peak_memory_measure": memory_measure,
             "trainable_parameters": trainable,

@@ -16,7 +16,8 @@ from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
 from stages.modeling import device_name
-from stages.train import LiveLog, resumable_checkpoint
+from stages import train
+from stages.train import LiveLog, StepTimer, packed_datasets, resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVAL_STEPS = 24, 4
@@ -80,6 +81,7 @@ def test_killed_run_resumes_and_matches_an_unbroken_run(packed_workspace: Path):
     expected, resumed = (json.loads((w / "metrics/train.json").read_text()) for w in (unbroken, broken))
     assert (expected["backend"], expected["device"]) == ("hf", device_name())  # train.backend: hf in the demo
     assert "transformers" in expected["versions"] and "unsloth" not in expected["versions"]
+    assert expected["steady_tokens_per_s"] > 0 and expected["step_seconds_median"] > 0
     for key in ("final_train_loss", "best_eval_loss", "best_eval_epoch", "steps", "epochs_run"):
         assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
     expected_weights, resumed_weights = adapter_weights(unbroken), adapter_weights(broken)
@@ -119,3 +121,29 @@ def test_live_log_names_the_curves_by_optimizer_step(tmp_path: Path):
     assert (metrics / "train/loss.tsv").read_text().split() == ["step", "loss", "1", "2.0", "3", "1.0"]
     assert (metrics / "eval/loss.tsv").read_text().split() == ["step", "loss", "2", "1.5"]
     assert not (metrics / "train/train_runtime.tsv").exists()
+
+
+def test_step_timer_times_optimizer_steps_and_leaves_out_the_first(monkeypatch):
+    class State:
+        num_input_tokens_seen = 0
+
+    clock = iter([0.0, 5.0, 10.0, 12.0, 20.0, 21.0, 30.0, 34.0])  # begin/end of four steps: 5, 2, 1 and 4 s
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    timer, state = StepTimer(), State()
+    assert timer.steady_rate() == (None, None)
+    for tokens in (100, 400, 300, 800):
+        timer.on_step_begin(None, state, None)
+        state.num_input_tokens_seen += tokens
+        timer.on_step_end(None, state, None)
+    assert timer.steps == [(100, 5.0), (400, 2.0), (300, 1.0), (800, 4.0)]
+    assert timer.steady_rate() == (2.0, 200.0)  # medians of 2, 1, 4 s and of 200, 300, 200 tokens/s
+
+
+def test_unsloth_alone_is_told_that_packed_rows_fit_max_length(packed_workspace: Path):
+    """unsloth turns padding-free batching off, letting packed examples see each other, unless rows are said to fit."""
+    packed = packed_workspace / "data/packed"
+    for rows in packed_datasets(packed, "unsloth", 512):
+        assert vars(rows)["_unsloth_truncated_to"] == 512  # unsloth reads the claim from the dataset's __dict__
+        assert max(map(len, rows["input_ids"])) <= 512  # and the claim is true
+    for rows in packed_datasets(packed, "hf", 512):
+        assert "_unsloth_truncated_to" not in vars(rows)
