@@ -112,6 +112,14 @@ def matmul_tflops() -> float | None:
     return 2 * 8192**3 / statistics.median(times[3:]) / 1e12
 
 
+def base_has_shape(base: Path, shape: dict) -> bool:
+    config_path = base / "config.json"
+    if not config_path.is_file():
+        return False
+    config = json.loads(config_path.read_text())
+    return all(config.get(key) == value for key, value in shape.items())
+
+
 def deep_update(target: dict, changes: dict) -> None:
     for key, value in changes.items():
         if isinstance(value, dict):
@@ -191,11 +199,12 @@ def main(out: Path, variants: tuple[str, ...], steps: int, timeout: int, peak_tf
     length = SMOKE["model"]["max_length"] if smoke else card["model"]["max_length"]
     rows_per_step = card["train"]["batch_size"] * card["train"]["grad_accum"]
 
-    base, packed = out / "base", out / "packed"
-    if not (base / "config.json").is_file():
-        corpus = corpus_from_jsonl(sorted((REPO / "data/sources/demo").glob("*.jsonl")))
-        build_tiny_model(corpus, base, **({} if smoke else QWEN2_5_0_5B))
+    base, packed, shape = out / "base", out / "packed", {} if smoke else QWEN2_5_0_5B
+    if not base_has_shape(base, shape):  # built once, then reused by later invocations with the same --out
+        shutil.rmtree(base, ignore_errors=True)
+        build_tiny_model(corpus_from_jsonl(sorted((REPO / "data/sources/demo").glob("*.jsonl"))), base, **shape)
     config = json.loads((base / "config.json").read_text())
+    click.echo(f"base: {', '.join(f'{key} {config[key]}' for key in QWEN2_5_0_5B)}")
     rng = np.random.default_rng(0)
     packed.mkdir(parents=True, exist_ok=True)
     for split, rows in (("train", steps * rows_per_step), ("validation", rows_per_step)):
@@ -214,6 +223,7 @@ def main(out: Path, variants: tuple[str, ...], steps: int, timeout: int, peak_tf
             flops = model_flops_per_token(config, result["train"]["trainable_parameters"], attended)
             on_gpu = not result["train"]["device"].startswith("cpu")
             result |= {
+                "base": {key: config[key] for key in QWEN2_5_0_5B},
                 "flops_per_token": flops,
                 "mfu": result["train"]["steady_tokens_per_s"] * flops / (peak_tflops * 1e12) if on_gpu else None,
                 "matmul_tflops": ceiling,

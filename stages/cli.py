@@ -119,7 +119,7 @@ def demo_base(out: Path, vocab_size: int) -> None:
 
     corpus = sorted(Path("data/sources/demo").glob("*.jsonl")) + [Path("data/eval/prompts.jsonl")]
     with atomic_output(out) as scratch:
-        build_tiny_model(corpus_from_jsonl(corpus), scratch, vocab_size=vocab_size)
+        build_tiny_model(corpus_from_jsonl(corpus), scratch, tokenizer_vocab_size=vocab_size)
     click.echo(f"demo-base: {out}")
 
 

@@ -52,18 +52,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] =
 
 
 def build_tiny_model(
-    texts: Iterable[str], out_dir: Path, *, vocab_size: int = 3000, seed: int = 0, **shape: Any
+    texts: Iterable[str], out_dir: Path, *, tokenizer_vocab_size: int = 3000, seed: int = 0, **shape: Any
 ) -> None:
     """Train a tokenizer on ``texts`` and write it with a randomly initialised tiny Qwen2 model to ``out_dir``.
 
     The folder loads with ``AutoTokenizer``/``AutoModelForCausalLM.from_pretrained`` and is byte-identical on every
     rebuild from the same texts, vocabulary size and seed. ``shape``: Qwen2Config fields that replace the tiny ones
-    (bench/ builds a model of Qwen2.5-0.5B's shape this way); a larger ``vocab_size`` there leaves embedding rows that
-    no token of the tokenizer uses, as Qwen's own padded rows are.
+    (bench/ builds a model of Qwen2.5-0.5B's shape this way); a ``vocab_size`` there larger than the tokenizer's
+    leaves embedding rows that no token of the tokenizer uses, as Qwen's own padded rows are.
     """
     tokenizer = Qwen2Tokenizer(
         # Saved as is, so tokenizer.json keeps the trained pipeline and a reload can be checked against it.
-        tokenizer_object=train_bpe(texts, vocab_size),
+        tokenizer_object=train_bpe(texts, tokenizer_vocab_size),
         # Qwen2 has no unk or bos token: byte-level BPE can encode any text, and prompts start with ChatML markers.
         unk_token=None,
         bos_token=None,

@@ -105,7 +105,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from stages.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model") / "base"
-    build_tiny_model(TINY_CORPUS * 4, out, vocab_size=500)
+    build_tiny_model(TINY_CORPUS * 4, out, tokenizer_vocab_size=500)
     return out
 
 

@@ -59,3 +59,12 @@ def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     # Every step is 8 rows of 256 tokens, padding-free, and the median is over the last three steps.
     assert row["train"]["steady_tokens_per_s"] == pytest.approx(2048 / row["train"]["step_seconds_median"], rel=1e-3)
     assert "| hf-bf16 |" in result.stdout
+
+
+def test_the_benchmark_model_has_qwen2_5_0_5b_size():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**bench.QWEN2_5_0_5B, tie_word_embeddings=True))
+    assert model.num_parameters() == 494_032_768  # Qwen2.5-0.5B's published count

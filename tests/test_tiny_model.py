@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from stages.chatml import IM_END, IM_START, render
 from stages.tiny_model import build_tiny_model, corpus_from_jsonl
@@ -43,7 +43,7 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("tiny") / "model"
-    build_tiny_model(CORPUS, out_dir, vocab_size=400)
+    build_tiny_model(CORPUS, out_dir, tokenizer_vocab_size=400)
     return out_dir
 
 
@@ -76,7 +76,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def test_rebuild_is_byte_identical(built: Path, tmp_path: Path) -> None:
-    build_tiny_model(CORPUS, tmp_path / "again", vocab_size=400)
+    build_tiny_model(CORPUS, tmp_path / "again", tokenizer_vocab_size=400)
     assert _hashes(tmp_path / "again") == _hashes(built)
 
 
@@ -85,7 +85,7 @@ def test_model_size_and_generation(tmp_path: Path) -> None:
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(3000)]
     texts = [" ".join(rng.choices(words, k=12)) + f" {rng.randint(0, 99999)}.\n" for _ in range(2000)]
-    build_tiny_model(texts, tmp_path, vocab_size=3000)
+    build_tiny_model(texts, tmp_path, tokenizer_vocab_size=3000)
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -99,6 +99,14 @@ def test_model_size_and_generation(tmp_path: Path) -> None:
     inputs = tokenizer.apply_chat_template(MESSAGES[:2], add_generation_prompt=True, return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert inputs["input_ids"].shape[1] < output.shape[1] <= inputs["input_ids"].shape[1] + 5
+
+
+def test_shape_overrides_the_config_and_leaves_the_tokenizer_alone(tmp_path: Path) -> None:
+    """bench/ builds Qwen2.5-0.5B's shape this way: the 151,936-row vocabulary must reach the model, not the BPE."""
+    build_tiny_model(CORPUS, tmp_path, tokenizer_vocab_size=400, vocab_size=4096, num_hidden_layers=3)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert (config.vocab_size, config.num_hidden_layers, config.hidden_size) == (4096, 3, 128)
+    assert len(AutoTokenizer.from_pretrained(tmp_path)) <= 400
 
 
 def test_corpus_from_jsonl_walks_nested_values(tmp_path: Path) -> None:
