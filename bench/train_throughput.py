@@ -155,8 +155,9 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
             cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         log, failed = process.stdout + process.stderr, process.returncode != 0
-    except subprocess.TimeoutExpired as expired:
-        log, failed = f"{expired.stdout or ''}{expired.stderr or ''}\ntimed out after {timeout} s", True
+    except subprocess.TimeoutExpired as expired:  # its output comes as bytes, text=True or not
+        output = b"".join(stream or b"" for stream in (expired.stdout, expired.stderr)).decode(errors="replace")
+        log, failed = f"{output}\ntimed out after {timeout} s", True
     (workspace / "train.log").write_text(log)
     result = {"variant": name, "wall_s": round(time.perf_counter() - started, 1)}
     if failed:

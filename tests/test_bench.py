@@ -68,3 +68,14 @@ def test_the_benchmark_model_has_qwen2_5_0_5b_size():
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**bench.QWEN2_5_0_5B, tie_word_embeddings=True))
     assert model.num_parameters() == 494_032_768  # Qwen2.5-0.5B's published count
+
+
+def test_a_variant_that_fails_is_reported_and_fails_the_script(tmp_path: Path):
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench/train_throughput.py"), "--smoke", "--timeout", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "| hf-bf16 | failed: see hf-bf16/train.log |" in result.stdout
+    assert (out / "hf-bf16/train.log").read_text().endswith("timed out after 1 s")
