@@ -188,6 +188,17 @@ def sft_config(params: Params, backend: str, checkpoint_dir: Path) -> SFTConfig:
     )
 
 
+def require_padding_free(args: SFTConfig, backend: str) -> None:
+    """Stop before training if the trainer has turned padding-free batching off (unsloth can, see packed_datasets):
+    the examples packed in a row are kept apart only by the position ids it builds from `seq_lengths`."""
+    if not args.padding_free:
+        raise click.ClickException(
+            f"train: the {backend} backend turned padding-free batching off, so the examples packed in a row would "
+            "attend to each other; install the unsloth of requirements/unsloth.txt (make unsloth) or set "
+            "train.backend: hf in params.yaml"
+        )
+
+
 def best_eval(log_history: list[dict]) -> tuple[float | None, float | None]:
     evals = [entry for entry in log_history if "eval_loss" in entry]
     if not evals:
@@ -234,6 +245,7 @@ def run(
             step_timer,
         ],
     )
+    require_padding_free(trainer.args, backend)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     adapter_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from ruamel.yaml import YAML
@@ -147,3 +148,11 @@ def test_unsloth_alone_is_told_that_packed_rows_fit_max_length(packed_workspace:
         assert max(map(len, rows["input_ids"])) <= 512  # and the claim is true
     for rows in packed_datasets(packed, "hf", 512):
         assert "_unsloth_truncated_to" not in vars(rows)
+
+
+def test_training_stops_if_the_trainer_turned_padding_free_batching_off(demo_params, tmp_path: Path):
+    args = train.sft_config(demo_params, "unsloth", tmp_path)
+    train.require_padding_free(args, "unsloth")  # as the stage configures it
+    args.padding_free = False  # what unsloth does to pre-tokenized rows it is not told fit max_length
+    with pytest.raises(click.ClickException, match="padding-free batching off.*train.backend: hf"):
+        train.require_padding_free(args, "unsloth")
