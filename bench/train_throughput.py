@@ -28,6 +28,7 @@ import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +97,6 @@ def model_flops_per_token(config: dict, lora_parameters: int, attended: float) -
 
 def matmul_tflops() -> float | None:
     """The bf16 rate of one large matrix product on this GPU: a ceiling that the datasheet's peak may not reach."""
-    import torch
-
     if not torch.cuda.is_available():
         return None
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))

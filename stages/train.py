@@ -82,14 +82,12 @@ class LiveLog(TrainerCallback):
     def __init__(self, live_dir: Path) -> None:
         self.live_dir = live_dir
         self.live: Live | None = None
-        self.tokens_at_start = 0
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         shutil.rmtree(self.live_dir, ignore_errors=True)
         self.live = Live(str(self.live_dir), dvcyaml=None, save_dvc_exp=False)
         for entry in state.log_history:
             self._log(entry)
-        self.tokens_at_start = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         self._log({**logs, "step": state.global_step})
@@ -111,8 +109,12 @@ class StepTimer(TrainerCallback):
 
     def __init__(self) -> None:
         self.steps: list[tuple[int, float]] = []  # (tokens, seconds)
+        self.tokens_at_start = 0  # of this session: a resumed run has seen tokens before it
         self._started = 0.0
         self._tokens_before = 0
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.tokens_at_start = state.num_input_tokens_seen
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         self._synchronize()
@@ -269,7 +271,7 @@ def run(
             "stopped_early": trainer.state.global_step < trainer.state.max_steps,
             "runtime_s": round(time.perf_counter() - started, 1),
             "train_tokens_per_s": round(
-                (trainer.state.num_input_tokens_seen - live_log.tokens_at_start) / result.metrics["train_runtime"], 1
+                (trainer.state.num_input_tokens_seen - step_timer.tokens_at_start) / result.metrics["train_runtime"], 1
             ),
             # Training steps alone (no evaluation, checkpointing or warm-up): what bench/ compares across backends.
             "step_seconds_median": None if step_seconds is None else round(step_seconds, 4),

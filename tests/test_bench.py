@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from bench import train_throughput as bench
 from conftest import REPO
@@ -46,12 +48,14 @@ def test_model_flops_count_frozen_weights_twice_over_and_lora_three_times():
     assert bench.model_flops_per_token(config, lora_parameters=50, attended=10.0) == 4 * frozen + 6 * 50 + attention
 
 
+def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "bench/train_throughput.py"), "--smoke", "--out", str(out), *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
 def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench/train_throughput.py"), "--smoke", "--steps", "4", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_smoke(out, "--steps", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert row["variant"] == "hf-bf16" and row["mfu"] is None  # no MFU on a CPU
@@ -62,9 +66,6 @@ def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
 
 
 def test_the_benchmark_model_has_qwen2_5_0_5b_size():
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**bench.QWEN2_5_0_5B, tie_word_embeddings=True))
     assert model.num_parameters() == 494_032_768  # Qwen2.5-0.5B's published count
@@ -72,10 +73,7 @@ def test_the_benchmark_model_has_qwen2_5_0_5b_size():
 
 def test_a_variant_that_fails_is_reported_and_fails_the_script(tmp_path: Path):
     out = tmp_path / "bench"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench/train_throughput.py"), "--smoke", "--timeout", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = run_smoke(out, "--timeout", "1")
     assert result.returncode == 1
     assert "| hf-bf16 | failed: see hf-bf16/train.log |" in result.stdout
     assert (out / "hf-bf16/train.log").read_text().endswith("timed out after 1 s")
