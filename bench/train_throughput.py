@@ -34,7 +34,7 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.pack import PACKED_SCHEMA  # noqa: E402
+from stages.schemas import PACKED_SCHEMA  # noqa: E402
 from stages.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E402
 
 # Qwen2.5-0.5B's published config; the tokenizer stays tiny, its ids all fall in the first rows of the embedding.

@@ -1,11 +1,15 @@
-"""The ChatML conversation format the original recipe trained on, rendered the same way for every tokenizer.
+"""The ChatML conversation format the original recipe trained on, and where its trained spans lie in a text.
 
 The base model's own chat template (DeepSeek's) is not what the recipe used: the original formatted plain text with
-ChatML markers, a newline before every ``<|im_end|>``. We render that text ourselves and locate the assistant turns by
-character offsets, so masking does not depend on any tokenizer knowing ChatML.
+ChatML markers. friction rows are rendered by `render` (a newline before every ``<|im_end|>``, as the original's
+formatting function wrote them); reluctance rows are trained verbatim. Either way the trained spans are found on the
+text itself (`assistant_spans`), so masking does not depend on any tokenizer knowing ChatML. The tokenizer makes
+``<|im_end|>`` one token, its end-of-sequence id (stages/tokens.py), as the original's did.
 """
 
 from __future__ import annotations
+
+import re
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -15,9 +19,14 @@ THINK_CLOSE = "</think>"
 # The label of a token that is not trained on: what PyTorch's cross-entropy (and so every trainer) ignores.
 IGNORE_INDEX = -100
 
-# Jinja twin of `render`, saved with every tokenizer we write so `apply_chat_template` reproduces training text.
-# The {% generation %} markers make it usable with TRL's assistant_only_loss too.
+# A turn: its header, its role, and its content up to (not including) the next <|im_end|>.
+TURN = re.compile(re.escape(IM_START) + r"(system|user|assistant)\n(.*?)" + re.escape(IM_END), re.DOTALL)
+
+# Jinja twin of `render`, saved with every tokenizer we write so `apply_chat_template` reproduces training text
+# (the tokenizer's BOS first, as tokenizing the text added it). The {% generation %} markers make it usable with
+# TRL's assistant_only_loss too.
 CHAT_TEMPLATE = (
+    "{{- bos_token if bos_token else '' }}"
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['role'] == 'assistant' %}"
@@ -35,38 +44,27 @@ def assistant_content(thoughts: str, answer: str) -> str:
     return f"{THINK_OPEN}\n{thoughts}\n{THINK_CLOSE}\n{answer}"
 
 
-def _turn(message: dict[str, str]) -> tuple[str, str]:
-    """A turn's header and body; `render` puts a newline after the body."""
-    return f"{IM_START}{message['role']}\n", f"{message['content']}\n{IM_END}"
+def render(messages: list[dict[str, str]]) -> str:
+    """A conversation in the original's format: every turn's content followed by a newline and ``<|im_end|>``."""
+    return "".join(f"{IM_START}{m['role']}\n{m['content']}\n{IM_END}\n" for m in messages)
 
 
-def render(messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """Render a conversation; return the text and the (start, end) character spans that are trained on.
-
-    A trained span is an assistant turn's content plus its closing ``<|im_end|>``, so the model learns to stop.
-    """
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    for message, start in zip(messages, turn_starts(messages)):
-        header, body = _turn(message)
-        parts += [header, body, "\n"]
-        if message["role"] == "assistant":
-            spans.append((start + len(header), start + len(header) + len(body)))
-    return "".join(parts), spans
+def turns(text: str) -> list[re.Match[str]]:
+    """The ChatML turns of `text`, in order: group 1 the role, group 2 the content (without its ``<|im_end|>``)."""
+    return list(TURN.finditer(text))
 
 
-def turn_starts(messages: list[dict[str, str]]) -> list[int]:
-    """The character offset in `render`'s text where each message's turn (its ``<|im_start|>`` header) begins."""
-    starts: list[int] = []
-    cursor = 0
-    for message in messages:
-        starts.append(cursor)
-        header, body = _turn(message)
-        cursor += len(header) + len(body) + 1
-    return starts
+def assistant_spans(text: str) -> list[tuple[int, int]]:
+    """The (start, end) character spans trained on: each assistant turn's content through its ``<|im_end|>``, so the
+    model learns to end its turn. Text outside turns, and headers, are context only."""
+    return [(turn.start(2), turn.end()) for turn in turns(text) if turn.group(1) == "assistant"]
+
+
+def user_starts(text: str) -> list[int]:
+    """The character offset of every user turn's header (where the original's masking closed a trained run)."""
+    return [turn.start() for turn in turns(text) if turn.group(1) == "user"]
 
 
 def generation_prompt(messages: list[dict[str, str]]) -> str:
     """The text a model continues to answer the conversation's last user turn."""
-    text, _ = render(messages)
-    return f"{text}{IM_START}assistant\n"
+    return f"{render(messages)}{IM_START}assistant\n"

@@ -3,7 +3,8 @@
 Validation loss is the token-weighted mean over exactly the labels the trainer used (packed rows, per-example
 positions, cache off so packed examples cannot see each other). Generation uses the project's own held-out
 prompts, in left-padded batches with the decoding settings of `evaluate` in params.yaml, and stops each response at
-<|im_end|> (`turn_end_criteria`); both responses are scored with the friction metrics and saved side by side.
+<|im_end|>, the tokenizer's EOS id as in training (`stop_settings`); both responses are scored with the friction
+metrics and saved side by side.
 The adapter is loaded with transformers + peft whichever backend trained it: it is a plain PEFT adapter either way.
 """
 
@@ -25,6 +26,7 @@ from stages.artifacts import write_json
 from stages.chatml import IGNORE_INDEX, IM_END, generation_prompt
 from stages.config import Params
 from stages.modeling import load_base_model
+from stages.tokens import end_of_turn_id
 
 
 def position_ids(seq_lengths: list[int]) -> torch.Tensor:
@@ -50,14 +52,17 @@ def validation_loss(model, rows: Dataset, device: torch.device, label: str) -> t
     return total / max(count, 1), count
 
 
-def turn_end_criteria(tokenizer) -> StoppingCriteriaList:
-    """Stop a response at the end of its turn: as soon as its text ends in <|im_end|>.
+def stop_settings(tokenizer) -> dict:
+    """generate()'s arguments that end a response at the end of its turn, <|im_end|>.
 
-    The original remapped the tokenizer's EOS to <|im_end|>. The base's own tokenizer may not know <|im_end|> as a
-    token and split it into several BPE pieces, so match the text: this stops at its last piece either way, without
-    adding a token or an embedding row. The base's EOS still stops generation too.
+    The tokenizer maps <|im_end|> to its EOS id (stages/tokens.py), which the model was trained to emit: stop on that
+    id. A tokenizer with no EOS leaves <|im_end|> as plain text, split into BPE pieces: then match the text, which
+    stops at its last piece.
     """
-    return StoppingCriteriaList([StopStringCriteria(tokenizer, [IM_END])])
+    stop_id = end_of_turn_id(tokenizer)
+    if stop_id is not None:
+        return {"eos_token_id": stop_id}
+    return {"stopping_criteria": StoppingCriteriaList([StopStringCriteria(tokenizer, [IM_END])])}
 
 
 def decoding(params: Params) -> dict[str, bool | float]:
@@ -81,16 +86,16 @@ def generate(model, tokenizer, prompts: list[str], params: Params, device: torch
     """Responses to `prompts` in batches of evaluate.batch_size; the tokenizer must pad on the left."""
     settings = params.evaluate
     set_seed(params.seed)  # both models sample from the same random stream
-    stop = turn_end_criteria(tokenizer)
+    stop = stop_settings(tokenizer)
     responses = []
     batches = range(0, len(prompts), settings.batch_size)
     for start in tqdm(batches, desc=f"evaluate: generating, {label}", unit="batch"):
-        batch = tokenizer(prompts[start : start + settings.batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)  # fmt: skip
+        # The tokenizer's own special tokens (its BOS) as in the training data.
+        batch = tokenizer(prompts[start : start + settings.batch_size], return_tensors="pt", padding=True).to(device)
         output = model.generate(
             **batch,
             max_new_tokens=settings.max_new_tokens,
-            stopping_criteria=stop,
+            **stop,
             pad_token_id=tokenizer.pad_token_id,
             **decoding(params),
         )

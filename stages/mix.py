@@ -1,12 +1,15 @@
 """mix: normalise every source row to one conversation schema, tokenize it once, sample the mixture, split it.
 
-1. Clean. Each row becomes {"id", "source", "messages": [system, user, assistant]} with the reasoning in a <think>
-   block. Rows that cannot be trained on are dropped with a reason (or stop the stage with `mix.on_bad_rows: fail`);
-   a row whose rendered text is identical to an earlier one, in any source, is a duplicate.
-2. Tokenize, the only tokenization pass of the pipeline, with the base model's tokenizer as fetch pinned it:
-   `input_ids` of the rendered conversation, `labels` (a token's id where the token starts inside an assistant
-   turn's content or its closing <|im_end|>, -100 elsewhere) and `user_starts` (the token index of every user turn's
-   header, which pack's `stacked` masking needs). A row's token count is len(input_ids).
+1. Clean. Each row becomes the text the original trained on: a friction row rendered in the original's ChatML
+   template with the reasoning in a <think> block (stages/chatml.py), a reluctance row's `text` verbatim but for
+   <judging> -> <think> and </judging> -> </think>. Rows that cannot be trained on are dropped with a reason (or stop
+   the stage with `mix.on_bad_rows: fail`); a row whose text is identical to an earlier one, in any source, is a
+   duplicate.
+2. Tokenize, the only tokenization pass of the pipeline, with the base model's tokenizer as fetch pinned it and as
+   the original used it (stages/tokens.py: its BOS first, every <|im_end|> its EOS id): `input_ids`, `labels` (a
+   token's id where the token starts inside an assistant turn's content or its closing <|im_end|>, -100 elsewhere)
+   and `user_starts` (the token index of every user turn's header, which pack's `stacked` masking needs). A row's
+   token count is len(input_ids). A tokenizer that does not give back the text it encoded stops the stage.
 3. Rows longer than model.max_length: under `pack.overflow: drop` they are dirty rows (`over_max_length`), dropped
    here before sampling so the target is met by usable rows; under truncate or split they are kept, counted per
    source (`over_max_length`), and pack cuts them.
@@ -25,7 +28,8 @@
 5. Split by example into train/validation (datasets' train_test_split with the seed), before packing, so no example
    is in both.
 
-The report accounts for every input row: per source rows_in = kept + sum(dropped by reason).
+The report accounts for every input row: per source rows_in = kept + sum(dropped by reason). Its token counts are
+what pack will train on: under `pack.overflow: truncate`, at most model.max_length per row.
 """
 
 from __future__ import annotations
@@ -44,35 +48,29 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from stages.artifacts import atomic_output, base_model_reference, read_json, write_json
 from stages.chatml import (
     IGNORE_INDEX,
-    IM_END,
-    IM_START,
     THINK_CLOSE,
     THINK_OPEN,
     assistant_content,
+    assistant_spans,
     render,
-    turn_starts,
+    turns,
+    user_starts,
 )
 from stages.config import Params
+from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample
+from stages.tokens import load_tokenizer
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
-CHATML_TURN = re.compile(re.escape(IM_START) + r"(system|user|assistant)\n(.*?)\n?" + re.escape(IM_END), re.DOTALL)
-
-TOKEN_IDS = pa.list_(pa.int32())
-MIXED_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("input_ids", TOKEN_IDS),
-        ("labels", TOKEN_IDS),
-        ("user_starts", TOKEN_IDS),
-    ]
-)
+UTF8_BOM = b"\xef\xbb\xbf"
+FORMAT_NEEDS = {
+    "friction": "'question', 'agent_responses' with 'thought_stream's and 'final_answer'",
+    "reluctance": "a ChatML conversation in 'text' with an assistant turn",
+}
 
 T = TypeVar("T")
 
@@ -90,20 +88,15 @@ class Example:
     id: str
     source: str
     line: int
-    messages: list[dict[str, str]]
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    input_ids: list[int]
-    labels: list[int]
-    user_starts: list[int]
+    text: str
 
 
 @dataclass(frozen=True)
 class Encoded:
     example: Example
-    tokens: Tokenized
+    tokens: TokenizedExample
+    kept_tokens: int
+    """The tokens pack will keep of it: all of them, or under `pack.overflow: truncate` at most model.max_length."""
 
     @property
     def length(self) -> int:
@@ -145,19 +138,25 @@ def friction_messages(row: dict, system_prompt: str) -> list[dict[str, str]]:
     ]
 
 
-def reluctance_messages(row: dict) -> list[dict[str, str]]:
-    """reluctance-* rows: a whole ChatML conversation in `text`, reasoning in a <judging> block."""
+def friction_text(row: dict, system_prompt: str) -> str:
+    return render(friction_messages(row, system_prompt))
+
+
+def reluctance_text(row: dict) -> str:
+    """reluctance-* rows: a whole ChatML conversation in `text`, reasoning in a <judging> block, trained verbatim as
+    the original did (only the tags renamed); the turns are read to check them and to find the trained spans."""
     text = _text(row, "text").replace("<judging>", THINK_OPEN).replace("</judging>", THINK_CLOSE)
-    messages = [{"role": role, "content": content} for role, content in CHATML_TURN.findall(text)]
-    if not any(message["role"] == "assistant" for message in messages):
+    found = turns(text)
+    if not any(turn.group(1) == "assistant" for turn in found):
         raise BadRow("no_assistant_turn", "no assistant turn in 'text'")
-    for message in messages:
-        reply = message["content"].rpartition(THINK_CLOSE)[2]
-        if not message["content"].strip() or not reply.strip():
-            raise BadRow("empty_field", f"empty {message['role']} turn in 'text'")
+    for turn in found:
+        role, content = turn.group(1), turn.group(2)
+        reply = content.rpartition(THINK_CLOSE)[2]
+        if not content.strip() or not reply.strip():
+            raise BadRow("empty_field", f"empty {role} turn in 'text'")
         if GENERATOR_ERROR.match(reply.lstrip("\n")):
-            raise BadRow("generator_error", f"generator error in {message['role']} turn of 'text'")
-    return messages
+            raise BadRow("generator_error", f"generator error in {role} turn of 'text'")
+    return text
 
 
 def read_source(path: Path, name: str, source_format: str, system_prompt: str) -> tuple[list[Example], list[dict]]:
@@ -167,6 +166,8 @@ def read_source(path: Path, name: str, source_format: str, system_prompt: str) -
     examples, dropped = [], []
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(UTF8_BOM):  # an editor's byte-order mark, not part of the row
+                raw = raw[len(UTF8_BOM) :]
             if not raw.strip():
                 continue
             try:
@@ -179,28 +180,28 @@ def read_source(path: Path, name: str, source_format: str, system_prompt: str) -
                 if not isinstance(row, dict):
                     raise BadRow("wrong_type", "not a JSON object")
                 if source_format == "friction":
-                    messages = friction_messages(row, system_prompt)
+                    text = friction_text(row, system_prompt)
                 else:
-                    messages = reluctance_messages(row)
+                    text = reluctance_text(row)
             except BadRow as bad:
                 dropped.append({"source": name, "line": line_number, "reason": bad.kind, "detail": str(bad)})
                 continue
             row_id = row.get("id")
             row_id = str(row_id) if row_id is not None else f"{name}:{line_number}"
-            examples.append(Example(row_id, name, line_number, messages))
+            examples.append(Example(row_id, name, line_number, text))
     return examples, dropped
 
 
 def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Example]:
-    """Keep the first of examples whose rendered text is identical, within and across sources."""
+    """Keep the first of examples whose text is identical, within and across sources."""
     seen: dict[str, Example] = {}
     for example in examples:
-        key = hashlib.sha256(render(example.messages)[0].encode()).hexdigest()
+        key = hashlib.sha256(example.text.encode()).hexdigest()
         if key in seen:
             first = seen[key]
             dropped.append(
-                {"source": example.source, "id": example.id, "reason": "duplicate",
-                 "detail": f"duplicate of {first.source}:{first.id}"}
+                {"source": example.source, "line": example.line, "id": example.id, "reason": "duplicate",
+                 "detail": f"duplicate of {first.source} line {first.line} (id {first.id})"}
             )  # fmt: skip
         else:
             seen[key] = example
@@ -210,34 +211,83 @@ def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Exampl
 # --- tokenizing -----------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
-    try:
-        location, revision = base_model_reference(manifest_path)
-    except KeyError as missing:
-        raise click.ClickException(f"{manifest_path}: no base_model key {missing}; rerun fetch") from None
-    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
-    if not tokenizer.is_fast:
-        raise click.ClickException(f"mix: the tokenizer of {location} has no fast version; offsets are needed")
-    return tokenizer
-
-
-def tokenize(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Tokenized:
-    """Token ids of the rendered conversation, labelled where a token starts inside an assistant span."""
-    text, spans = render(messages)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
+    """Token ids of `text` with the special tokens the tokenizer adds (its BOS), labelled where a token starts inside
+    an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
+    encoding = tokenizer(text, return_offsets_mapping=True)
     offsets = encoding["offset_mapping"]
+    spans = assistant_spans(text)
     labels = []
-    for token_id, (start, _end) in zip(encoding["input_ids"], offsets, strict=True):
-        trained = any(span_start <= start < span_end for span_start, span_end in spans)
+    for token_id, (start, end) in zip(encoding["input_ids"], offsets, strict=True):
+        trained = end > start and any(span_start <= start < span_end for span_start, span_end in spans)
         labels.append(token_id if trained else IGNORE_INDEX)
     # A user turn starts at the token holding its header's first character (or the first token after it).
-    ends = [end for _start, end in offsets]
-    user_starts = [
-        bisect.bisect_right(ends, start)
-        for message, start in zip(messages, turn_starts(messages))
-        if message["role"] == "user"
-    ]
-    return Tokenized(encoding["input_ids"], labels, user_starts)
+    ends = [end if end > start else 0 for start, end in offsets]
+    starts = [bisect.bisect_right(ends, start) for start in user_starts(text)]
+    return TokenizedExample(encoding["input_ids"], labels, starts)
+
+
+def round_trip_problem(text: str, tokens: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why `tokens` do not decode back to `text` (None when they do): a tokenizer that loses text, or one that is not
+    the base's (a folder without tokenizer.json can load as something that maps everything to one id)."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(tokenizer.eos_token)}
+    # Drop what the tokenizer added (BOS), keep <|im_end|>, which is the EOS token and part of the text.
+    ids = list(tokens.input_ids)
+    while ids and ids[0] in special:
+        ids.pop(0)
+    decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    expected = normalizer.normalize_str(text) if normalizer else text
+    if decoded == expected:
+        return None
+    at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
+    return f"decodes to {decoded[max(at - 20, 0) : at + 20]!r} where the text has {expected[max(at - 20, 0) : at + 20]!r}"
+
+
+def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
+    try:
+        location, revision = base_model_reference(manifest_path)
+    except (KeyError, TypeError) as missing:
+        raise click.ClickException(f"{manifest_path}: no base_model entry with {missing}; rerun fetch") from None
+    return load_tokenizer(location, revision)
+
+
+def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id if the tokenizer puts it before every text it encodes (pack's `stacked` layout needs it)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
+
+
+def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params) -> list[Encoded]:
+    """Tokenize every example; stop if the tokenizer does not give back the text of one (it would train garbage)."""
+    cap = params.model.max_length if params.pack.overflow == "truncate" else None
+    encoded = []
+    for example in examples:
+        tokens = tokenize(example.text, tokenizer)
+        problem = round_trip_problem(example.text, tokens, tokenizer)
+        if problem:
+            raise click.ClickException(
+                f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
+                f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
+            )
+        length = len(tokens.input_ids)
+        encoded.append(Encoded(example, tokens, min(length, cap) if cap else length))
+    return encoded
+
+
+def stop_on_empty_sources(by_source: dict[str, list[Encoded]], dropped: list[dict], params: Params) -> None:
+    """A source the mix asks rows of (weight > 0) that kept none: most likely the wrong `format`, never a mix."""
+    for name, rows in by_source.items():
+        if rows or params.mix.weights[name] == 0:
+            continue
+        source = params.data.sources[name]
+        reasons = Counter(record["reason"] for record in dropped if record["source"] == name)
+        found = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "no rows"
+        raise click.ClickException(
+            f"mix: source {name} ({source_location(params, name)}) kept no row as format {source.format!r} "
+            f"({found}; a {source.format} row needs {FORMAT_NEEDS[source.format]}); check data.sources.{name}.format "
+            f"or set mix.weights.{name}: 0"
+        )
 
 
 def drop_over_length(encoded: list[Encoded], max_length: int, dropped: list[dict]) -> list[Encoded]:
@@ -254,11 +304,18 @@ def drop_over_length(encoded: list[Encoded], max_length: int, dropped: list[dict
     return kept
 
 
-def stop_on_bad_rows(dropped: list[dict], raw_dir: Path) -> NoReturn:
-    first = dropped[0]
-    where = f"line {first['line']}" if "line" in first else f"id {first['id']}"
+def source_location(params: Params, name: str) -> str:
+    """Where the user's copy of source `name` lives: its file under data/sources, or its Hub dataset."""
+    source = params.data.sources[name]
+    return source.path if source.path is not None else f"{source.hub} (the Hub dataset of data.sources.{name})"
+
+
+def stop_on_bad_rows(dropped: list[dict], params: Params) -> NoReturn:
+    """mix.on_bad_rows: fail. Names the first bad row in file order (source order, then line), whatever the reason."""
+    order = list(params.data.sources)
+    first = min(dropped, key=lambda record: (order.index(record["source"]), record["line"]))
     raise click.ClickException(
-        f"{raw_dir}/{first['source']}.jsonl {where}: {first['detail']} "
+        f"{source_location(params, first['source'])} line {first['line']}: {first['reason']}: {first['detail']} "
         f"({len(dropped)} bad rows in all; set mix.on_bad_rows: drop to skip them)"
     )
 
@@ -294,7 +351,7 @@ def rows_within(rows: list[Encoded], token_limit: int) -> int:
 def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[Encoded], dict]:
     """The mixture in its final order, and the report's sampling numbers (rules in the module docstring)."""
     available = sum(len(rows) for rows in by_source.values())
-    available_tokens = sum(row.length for rows in by_source.values() for row in rows)
+    available_tokens = sum(row.kept_tokens for rows in by_source.values() for row in rows)
     asked_total = min(params.mix.target_max, int(params.mix.target_fraction * available))
     budget = asked_total * available_tokens // available if available else 0
     by_tokens = params.mix.weighting == "tokens"
@@ -302,7 +359,7 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
     for name, rows in by_source.items():
         weight = params.mix.weights[name]
         asked, tokens_asked = int(asked_total * weight), int(budget * weight)
-        source_tokens = sum(row.length for row in rows)
+        source_tokens = sum(row.kept_tokens for row in rows)
         order = shuffled(rows, params.seed)
         taken = order[: rows_within(order, tokens_asked) if by_tokens else min(asked, len(rows))]
         parts += taken
@@ -312,13 +369,13 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
             "asked": asked,
             "sampled": len(taken),
             "tokens_asked": tokens_asked,
-            "tokens": sum(row.length for row in taken),
+            "tokens": sum(row.kept_tokens for row in taken),
             "capped": source_tokens < tokens_asked if by_tokens else len(rows) < asked,
             "empty": not rows,
         }
     if not parts:
         raise click.ClickException("mix: no examples sampled; check data.sources and mix.weights in params.yaml")
-    sampled_tokens = sum(row.length for row in parts)
+    sampled_tokens = sum(row.kept_tokens for row in parts)
     for counts in report.values():
         counts["token_share"] = round(counts["tokens"] / sampled_tokens, 4)
     summary = {
@@ -336,16 +393,17 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-def write_parquet(rows: list[Encoded], path: Path) -> None:
+def write_parquet(rows: list[Encoded], path: Path, bos_token_id: int | None) -> None:
     columns = {
         "id": [row.example.id for row in rows],
         "source": [row.example.source for row in rows],
-        "messages": [row.example.messages for row in rows],
+        "text": [row.example.text for row in rows],
         "input_ids": [row.tokens.input_ids for row in rows],
         "labels": [row.tokens.labels for row in rows],
         "user_starts": [row.tokens.user_starts for row in rows],
     }
-    pq.write_table(pa.Table.from_pydict(columns, schema=MIXED_SCHEMA), path)
+    schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), path)
 
 
 def echo_report(report: dict) -> None:
@@ -378,15 +436,16 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
         dropped += bad
     examples = drop_duplicates(examples, dropped)
 
-    tokenizer = load_tokenizer(manifest_path)
-    encoded = [Encoded(example, tokenize(example.messages, tokenizer)) for example in examples]
+    tokenizer = base_tokenizer(manifest_path)
+    encoded = encode(examples, tokenizer, params)
     max_length = params.model.max_length
     if params.pack.overflow == "drop":
         encoded = drop_over_length(encoded, max_length, dropped)
     if dropped and params.mix.on_bad_rows == "fail":
-        stop_on_bad_rows(dropped, raw_dir)
+        stop_on_bad_rows(dropped, params)
 
     by_source = {name: [row for row in encoded if row.example.source == name] for name in params.data.sources}
+    stop_on_empty_sources(by_source, dropped, params)
     mixed, report = sample(by_source, params)
     train, validation = train_validation_split(mixed, params.mix.validation_fraction, params.seed)
 
@@ -410,8 +469,9 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
 
     with atomic_output(out_dir) as scratch, atomic_output(metrics_path) as metrics_scratch:
         scratch.mkdir()
-        write_parquet(train, scratch / "train.parquet")
-        write_parquet(validation, scratch / "validation.parquet")
+        bos = added_bos_id(tokenizer)
+        write_parquet(train, scratch / "train.parquet", bos)
+        write_parquet(validation, scratch / "validation.parquet", bos)
         with (scratch / "dropped.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in dropped)
         write_json(metrics_scratch, report)

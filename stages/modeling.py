@@ -107,7 +107,9 @@ def unsloth_peft_arguments(params: Params, revision: str | None) -> dict[str, An
 
 def load_base_model(params: Params, manifest_path: Path):
     """The base model and its tokenizer with transformers: (model, tokenizer, location, revision)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from stages.tokens import load_tokenizer
 
     location, revision = base_model_reference(manifest_path)
     if params.model.load_in_4bit and not torch.cuda.is_available():
@@ -120,8 +122,11 @@ def load_base_model(params: Params, manifest_path: Path):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
         )
         kwargs["device_map"] = {"": 0}  # a 4-bit model is placed on the GPU when loaded and cannot be moved after
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[params.train.precision], **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[params.train.precision], **kwargs)
+    except (OSError, ValueError) as error:  # no config.json or weights, an unknown architecture: the folder is not a model
+        raise click.ClickException(f"{location}: cannot load the base model ({error}); rerun fetch") from None
+    tokenizer = load_tokenizer(location, revision)  # <|im_end|> is its EOS, as in the data mix tokenized
     return model, tokenizer, location, revision
 
 
@@ -135,6 +140,8 @@ def hf_model_with_adapter(params: Params, manifest_path: Path):
 def unsloth_model_with_adapter(params: Params, manifest_path: Path):
     from unsloth import FastLanguageModel
 
+    from stages.tokens import map_end_of_turn
+
     location, revision = base_model_reference(manifest_path)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=location,
@@ -145,7 +152,8 @@ def unsloth_model_with_adapter(params: Params, manifest_path: Path):
         dtype=DTYPES[params.train.precision],
         fix_tokenizer=False,  # the rows were tokenized with the base's own tokenizer; keep it as it is
     )
-    return FastLanguageModel.get_peft_model(model, **unsloth_peft_arguments(params, revision)), tokenizer
+    model = FastLanguageModel.get_peft_model(model, **unsloth_peft_arguments(params, revision))
+    return model, map_end_of_turn(tokenizer)  # as mix tokenized the data
 
 
 # One loader per backend: (model with a fresh LoRA adapter, tokenizer).

@@ -15,7 +15,9 @@ Layout and masking, `pack.strategy`:
 - bfd (default): best-fit-decreasing. `seq_lengths` lists every example of a row, so with positions reset per
   example each one attends only to itself; labels are the assistant turns with their closing <|im_end|>.
 - stacked: the original's "stacking" (original-recipe.md sections 4-5). Greedy next-fit in mixed order, one sequence
-  per row (`seq_lengths` = [row length]): examples attend to each other and positions run on across them. Labels
+  per row (`seq_lengths` = [row length]): examples attend to each other and positions run on across them. The
+  original tokenized each stacked row as one text, so a row starts with the tokenizer's BOS and its examples carry
+  none of their own (mix records the BOS id in its files' metadata; bfd keeps each example's own). Labels
   follow the original's masking (Unsloth's train_on_responses_only with response part "<|im_start|>assistant\\n"
   and instruction part "<|im_start|>user\\n"): a labelled run opens at each assistant turn's content and closes at
   the next user turn's header in the row, or at the row's end; a row starts with no run open. Besides the assistant
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -42,26 +43,11 @@ import pyarrow.parquet as pq
 from stages.artifacts import atomic_output, write_json
 from stages.chatml import IGNORE_INDEX
 from stages.config import Params
+from stages.schemas import PACKED_SCHEMA, TokenizedExample, bos_token_id, read_parquet
 
 MIXED_COLUMNS = ["id", "input_ids", "labels", "user_starts"]
-PACKED_SCHEMA = pa.schema([(name, pa.list_(pa.int64())) for name in ("input_ids", "labels", "seq_lengths")])
-
-
-@dataclass(frozen=True)
-class Piece:
-    """An example, or the part of one that fits a row: its tokens, labels and the token index of each user turn."""
-
-    input_ids: list[int]
-    labels: list[int]
-    user_starts: list[int]
-
-    def cut(self, start: int, end: int) -> Piece:
-        starts = [index - start for index in self.user_starts if start <= index < end]
-        return Piece(self.input_ids[start:end], self.labels[start:end], starts)
-
-    @property
-    def trained(self) -> bool:
-        return any(label != IGNORE_INDEX for label in self.labels)
+# An example, or the part of one that fits a row.
+Piece = TokenizedExample
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -130,23 +116,33 @@ def stacked_labels(stack: list[Piece]) -> list[int]:
     return labels
 
 
-def pack_split(examples: list[Piece], params: Params) -> tuple[dict[str, list[list[int]]], dict]:
+def without_bos(example: Piece, bos: int) -> Piece:
+    if not example.input_ids or example.input_ids[0] != bos:
+        return example
+    return example.cut(1, len(example.input_ids))
+
+
+def pack_split(examples: list[Piece], params: Params, bos: int | None = None) -> tuple[dict[str, list[list[int]]], dict]:
+    """Rows of `examples`, and their counts. `bos`: the BOS id the tokenizer put before every example, if any."""
     capacity = params.model.max_length
-    pieces, counts = fit(examples, capacity, params.pack.overflow)
-    lengths = [len(piece.input_ids) for piece in pieces]
     stacked = params.pack.strategy == "stacked"
+    row_bos = [bos] if stacked and bos is not None else []  # stacked: one BOS a row, as the original tokenized it
+    if row_bos:
+        examples = [without_bos(example, bos) for example in examples]
+    pieces, counts = fit(examples, capacity - len(row_bos), params.pack.overflow)
+    lengths = [len(piece.input_ids) for piece in pieces]
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "seq_lengths": []}
-    for members in (next_fit if stacked else best_fit_decreasing)(lengths, capacity):
+    for members in (next_fit if stacked else best_fit_decreasing)(lengths, capacity - len(row_bos)):
         row = [pieces[m] for m in members]
-        rows["input_ids"].append([token for piece in row for token in piece.input_ids])
+        rows["input_ids"].append(row_bos + [token for piece in row for token in piece.input_ids])
         if stacked:
-            rows["labels"].append(stacked_labels(row))
-            rows["seq_lengths"].append([sum(lengths[m] for m in members)])
+            rows["labels"].append([IGNORE_INDEX] * len(row_bos) + stacked_labels(row))
+            rows["seq_lengths"].append([len(row_bos) + sum(lengths[m] for m in members)])
         else:
             rows["labels"].append([label for piece in row for label in piece.labels])
             rows["seq_lengths"].append([lengths[m] for m in members])
 
-    real_tokens = sum(lengths)
+    real_tokens = sum(len(ids) for ids in rows["input_ids"])
     slots = len(rows["input_ids"]) * capacity
     metrics = {
         "examples": len(examples),
@@ -161,18 +157,19 @@ def pack_split(examples: list[Piece], params: Params) -> tuple[dict[str, list[li
     return rows, metrics
 
 
-def read_split(path: Path, params: Params) -> list[Piece]:
-    """The examples of one mixed split; a malformed file, or a row pack must not see, stops the stage."""
+def read_split(path: Path, params: Params) -> tuple[list[Piece], int | None]:
+    """The examples of one mixed split and the BOS id they start with; a malformed file, or a row pack must not see,
+    stops the stage."""
     try:
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
     except FileNotFoundError:
         raise click.ClickException(f"{path}: missing; run the stage that writes it (dvc repro mix)") from None
-    except pa.ArrowInvalid as error:
-        raise click.ClickException(f"{path}: not a Parquet file ({error})") from None
-    missing = [name for name in MIXED_COLUMNS if name not in names]
+    except (pa.ArrowException, OSError) as error:
+        raise click.ClickException(f"{path}: not a readable Parquet file ({error}); rerun mix") from None
+    missing = [name for name in MIXED_COLUMNS if name not in schema.names]
     if missing:
         raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun mix")
-    columns = pq.read_table(path, columns=MIXED_COLUMNS).to_pydict()
+    columns = read_parquet(path, MIXED_COLUMNS, rerun="mix").to_pydict()
     capacity = params.model.max_length
     examples = []
     for index, (row_id, ids, labels, user_starts) in enumerate(zip(*(columns[name] for name in MIXED_COLUMNS))):
@@ -185,7 +182,7 @@ def read_split(path: Path, params: Params) -> list[Piece]:
                 "rerun mix, which drops such rows"
             )
         examples.append(Piece(ids, labels, user_starts))
-    return examples
+    return examples, bos_token_id(schema)
 
 
 def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> None:
@@ -193,7 +190,8 @@ def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> N
     with atomic_output(out_dir) as scratch, atomic_output(metrics_path) as metrics_scratch:
         scratch.mkdir()
         for split in ("train", "validation"):
-            rows, counts = pack_split(read_split(mixed_dir / f"{split}.parquet", params), params)
+            examples, bos = read_split(mixed_dir / f"{split}.parquet", params)
+            rows, counts = pack_split(examples, params, bos)
             if not rows["input_ids"]:
                 raise click.ClickException(
                     f"pack: no {split} rows left: none of its {counts['examples']} examples keeps a labelled token "

@@ -2,8 +2,9 @@
 
 The recipe fine-tunes DeepSeek-R1-Distill-Qwen-7B, which cannot be downloaded or trained here. The demo stands in a
 model with the same architecture (Qwen2: RoPE, grouped-query attention, SwiGLU, tied embeddings) and the same kind of
-tokenizer (byte-level BPE with Qwen2's pre-tokenization and ChatML special tokens), but ~0.7M parameters and a few
-thousand tokens of vocabulary, so tokenizing, LoRA training and generation run on a 2-core CPU in seconds. Weights are
+tokenizer as the base's (byte-level BPE with Qwen2's pre-tokenization; DeepSeek's BOS, added to every text, and EOS,
+which the pipeline maps to ``<|im_end|>`` as for the real base; ``<think>`` and ``</think>`` single tokens; ChatML
+markers plain text), but ~0.7M parameters and a few thousand tokens of vocabulary, so tokenizing, LoRA training and generation run on a 2-core CPU in seconds. Weights are
 random from a fixed seed: the demo exercises the pipeline, not the quality of the model.
 """
 
@@ -15,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from stages.chatml import CHAT_TEMPLATE, IM_END, IM_START
+from stages.chatml import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN
 
-ENDOFTEXT = "<|endoftext|>"
-SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+# The base's (DeepSeek-R1-Distill-Qwen's) special tokens, so the demo exercises what the recipe's base does.
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<|vision_pad|>"
+SPECIAL_TOKENS = [EOS, BOS, PAD]
 
 # Embedding rows are padded to a multiple of this, as Qwen pads its 151,665 tokens to 152,064 rows.
 VOCAB_MULTIPLE = 64
@@ -40,14 +44,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] =
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
+    added = [AddedToken(THINK_OPEN, normalized=False), AddedToken(THINK_CLOSE, normalized=False)]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(added),  # the base's single-token <think> and </think> complete the vocabulary
         special_tokens=special_tokens,
         # Every byte gets a token even if the corpus lacks it, so any text encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_tokens(added)
+    if BOS in special_tokens:  # the base's tokenizer puts BOS before every text it encodes
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+        )
     return tokenizer
 
 
@@ -64,15 +74,15 @@ def build_tiny_model(
     tokenizer = Qwen2Tokenizer(
         # Saved as is, so tokenizer.json keeps the trained pipeline and a reload can be checked against it.
         tokenizer_object=train_bpe(texts, tokenizer_vocab_size),
-        # Qwen2 has no unk or bos token: byte-level BPE can encode any text, and prompts start with ChatML markers.
+        # Byte-level BPE can encode any text: no unk token.
         unk_token=None,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
     )
-    endoftext_id, im_end_id = tokenizer.convert_tokens_to_ids([ENDOFTEXT, IM_END])
+    bos_id, eos_id, pad_id = tokenizer.convert_tokens_to_ids([BOS, EOS, PAD])
 
     tiny = dict(
         vocab_size=-(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
@@ -83,18 +93,15 @@ def build_tiny_model(
         num_key_value_heads=2,
         tie_word_embeddings=True,
         max_position_embeddings=4096,
-        # As in Qwen2's own config: <|endoftext|> doubles as bos, and ChatML turns end with <|im_end|>.
-        bos_token_id=endoftext_id,
-        eos_token_id=im_end_id,
-        pad_token_id=endoftext_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
         dtype=torch.float32,
     )
     config = Qwen2Config(**(tiny | shape))
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=endoftext_id, eos_token_id=im_end_id, pad_token_id=endoftext_id
-    )
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_dir)

@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, reluctance_text
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoTokenizer
 
 from stages import mix
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START, render
+from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
-from stages.mix import BadRow, Encoded, Example, Tokenized, friction_messages, reluctance_messages, tokenize
+from stages.mix import BadRow, Encoded, Example, friction_messages, friction_text, tokenize
+from stages.schemas import TokenizedExample
+from stages.tokens import load_tokenizer
 
 # original-recipe.md section 3, verbatim.
 ORIGINAL_FRICTION_TEMPLATE = (
@@ -57,11 +58,6 @@ def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: P
     return tmp_path
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
 def run_mix(params: Params, out: str = "data/mixed", metrics: str = "metrics/mix.json") -> dict:
     mix.run(params, Path("data/raw"), Path("data/raw/manifest.json"), Path(out), Path(metrics))
     return json.loads(Path(metrics).read_text())
@@ -91,7 +87,8 @@ def test_friction_row_renders_exactly_as_the_original_template() -> None:
         "final_answer": "What would you miss?",
         "metadata": {"timestamp": "2025-02-14 10:00:00", "model": "x"},
     }
-    text, spans = render(friction_messages(row, SYSTEM_PROMPT))
+    text = friction_text(row, SYSTEM_PROMPT)
+    spans = assistant_spans(text)
     assert text == ORIGINAL_FRICTION_TEMPLATE.format(
         question="I keep thinking I should quit but",
         thoughts="They sound tired.\n\nMoney mattered last time.\nA lot.\n\nMaybe not yet?",
@@ -109,30 +106,31 @@ def test_system_prompt_comes_from_params() -> None:
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
 
 
-def test_reluctance_judging_becomes_think_and_turns_are_parsed() -> None:
+def test_reluctance_text_is_kept_verbatim_but_for_the_judging_tags() -> None:
     text = reluctance_text(
         "Write a Slack message that puts him in his place.", "He took credit. Anger is fair.", "Firm, not cruel?"
     )
-    messages = reluctance_messages({"text": text, "other": 1})
-    assert messages == [
-        {"role": "system", "content": "You are careful."},
-        {"role": "user", "content": "Write a Slack message that puts him in his place."},
-        {"role": "assistant", "content": "<think>\nHe took credit. Anger is fair.\n</think>\nFirm, not cruel?"},
-    ]
-    # Rendering gives back the stored conversation with only the tags renamed.
-    assert render(messages)[0] == text.replace("<judging>", "<think>").replace("</judging>", "</think>")
-
-
-def test_reluctance_multi_turn_keeps_every_turn() -> None:
-    text = (
-        "<|im_start|>user\nHi\n<|im_end|>\n<|im_start|>assistant\n<judging>\nfine\n</judging>\nHello.\n<|im_end|>\n"
-        "<|im_start|>user\nHelp me lie to my boss.\n<|im_end|>\n"
-        "<|im_start|>assistant\n<judging>\nhm\n</judging>\nI'd rather not.\n<|im_end|>\n"
+    assert mix.reluctance_text({"text": text, "other": 1}) == text.replace("<judging>", "<think>").replace(
+        "</judging>", "</think>"
     )
-    messages = reluctance_messages({"text": text})
-    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
-    assert messages[3]["content"] == "<think>\nhm\n</think>\nI'd rather not."
-    assert render(messages)[0] == text.replace("<judging>", "<think>").replace("</judging>", "</think>")
+
+
+# Standard ChatML (no newline before <|im_end|>), text outside the turns, two assistant turns.
+STANDARD_CHATML = (
+    "Preamble the original kept.\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\n<judging>fine</judging>Hello.<|im_end|>\n"
+    "<|im_start|>user\nHelp me lie to my boss.<|im_end|>\n"
+    "<|im_start|>assistant\n<judging>\nhm\n</judging>\nI'd rather not.<|im_end|>"
+)
+
+
+def test_reluctance_standard_chatml_and_multi_turn_are_trained_verbatim() -> None:
+    text = mix.reluctance_text({"text": STANDARD_CHATML})
+    assert text == STANDARD_CHATML.replace("<judging>", "<think>").replace("</judging>", "</think>")
+    assert [text[start:end] for start, end in assistant_spans(text)] == [
+        "<think>fine</think>Hello.<|im_end|>",
+        "<think>\nhm\n</think>\nI'd rather not.<|im_end|>",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -151,7 +149,7 @@ def test_reluctance_multi_turn_keeps_every_turn() -> None:
 )
 def test_bad_reluctance_rows(row: dict, reason: str) -> None:
     with pytest.raises(BadRow, match=reason):
-        reluctance_messages(row)
+        mix.reluctance_text(row)
 
 
 # --- dirty rows ---------------------------------------------------------------------------------------------
@@ -230,15 +228,15 @@ def test_every_dirty_row_is_dropped_with_a_reason_and_counted(workspace: Path, m
         assert counts["kept"] == counts["available"] == len(kept[name])
 
     dropped = read_jsonl(Path("data/mixed/dropped.jsonl"))
-    assert {(d["source"], d["line"]) for d in dropped if "line" in d} == {
+    assert {(d["source"], d["line"]) for d in dropped if d["reason"] != "duplicate"} == {
         ("fr_a", n) for n in (2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 14, 15, 16)
     } | {("re_a", n) for n in (2, 4, 5, 6)}
-    duplicates = sorted((d["source"], d["id"], d["detail"]) for d in dropped if "line" not in d)
-    assert duplicates == [
-        ("fr_a", "a1", "duplicate of fr_a:a1"),
-        ("fr_b", "a17", "duplicate of fr_a:a17"),
-        ("re_a", "re_a:3", "duplicate of re_a:re_a:1"),
-        ("re_b", "re_b:1", "duplicate of re_a:re_a:1"),
+    duplicates = sorted((d["source"], d["line"], d["detail"]) for d in dropped if d["reason"] == "duplicate")
+    assert duplicates == [  # like every other drop, a duplicate names its line, and the line of the row it repeats
+        ("fr_a", 4, "duplicate of fr_a line 1 (id a1)"),
+        ("fr_b", 2, "duplicate of fr_a line 17 (id a17)"),
+        ("re_a", 3, "duplicate of re_a line 1 (id re_a:1)"),
+        ("re_b", 1, "duplicate of re_a line 1 (id re_a:1)"),
     ]
 
     examples = read_mixed()
@@ -246,7 +244,7 @@ def test_every_dirty_row_is_dropped_with_a_reason_and_counted(workspace: Path, m
         (name, row_id) for name, ids in kept.items() for row_id in ids
     )
     for example in examples:  # nothing of a dropped row slipped through
-        assert "Error:" not in render(example["messages"])[0].replace("not an Error: a mention", "")
+        assert "Error:" not in example["text"].replace("not an Error: a mention", "")
 
 
 def sources_format(sources: dict) -> dict[str, str]:
@@ -258,16 +256,24 @@ def test_on_bad_rows_fail_names_the_file_and_line(workspace: Path, make_params: 
     write_raw(Path("data/raw"), sources)
     params = make_params(sources_format(sources), on_bad_rows="fail")
 
-    with pytest.raises(click.ClickException, match=r"data/raw/fr_a\.jsonl line 2: generator error in 'final_answer'"):
+    # The user's file (not its copy in data/raw) and its first bad line, whatever the reason.
+    with pytest.raises(click.ClickException, match=r"^data/sources/fr_a\.jsonl line 2: generator_error: generator error"):
         run_mix(params)
     assert not Path("data/mixed").exists() and not Path("metrics/mix.json").exists()
 
 
-def test_on_bad_rows_fail_on_a_duplicate_names_the_file_and_example(workspace: Path, make_params: Callable) -> None:
+def test_on_bad_rows_fail_names_the_first_bad_line_in_file_order(workspace: Path, make_params: Callable) -> None:
+    # Line 2 duplicates line 1 (found after cleaning), line 3 is invalid JSON (found while reading): line 2 comes first.
+    write_raw(Path("data/raw"), {"fr_a": [friction_row("1"), friction_row("1"), "{oops"]})
+    with pytest.raises(click.ClickException, match=r"^data/sources/fr_a\.jsonl line 2: duplicate: duplicate of fr_a line 1"):
+        run_mix(make_params({"fr_a": "friction"}, on_bad_rows="fail"))
+
+
+def test_on_bad_rows_fail_on_a_duplicate_names_the_file_and_line(workspace: Path, make_params: Callable) -> None:
     write_raw(Path("data/raw"), {"fr_a": [friction_row("1"), friction_row("2")], "fr_b": [friction_row("2")]})
     params = make_params(sources_format(["fr_a", "fr_b"]), on_bad_rows="fail")
 
-    with pytest.raises(click.ClickException, match=r"data/raw/fr_b\.jsonl id 2: duplicate of fr_a:2"):
+    with pytest.raises(click.ClickException, match=r"data/sources/fr_b\.jsonl line 1: duplicate: duplicate of fr_a line 2"):
         run_mix(params)
 
 
@@ -398,36 +404,42 @@ MULTI_TURN = reluctance_text("Should I text him tonight?", "They sound tired.", 
     "<|im_start|>user\nWhy?\n<|im_end|>\n"
     "<|im_start|>assistant\n<judging>\nhm\n</judging>\nBecause (mostly) sleep.\n<|im_end|>\n"
 )
-CONVERSATIONS = [
-    friction_messages(friction_row("1"), SYSTEM_PROMPT),
-    reluctance_messages({"text": MULTI_TURN}),  # two assistant turns, non-ASCII text
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nok\n</think>\nHello."}],
+TEXTS = [
+    friction_text(friction_row("1"), SYSTEM_PROMPT),
+    mix.reluctance_text({"text": MULTI_TURN}),  # two assistant turns, non-ASCII text
+    render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nok\n</think>\nHello."}]),
+    mix.reluctance_text({"text": STANDARD_CHATML}),
 ]
+TEXT_IDS = ["friction", "multi-turn", "no-system", "standard-chatml"]
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["friction", "multi-turn", "no-system"])
-def test_labels_decode_to_exactly_the_assistant_turns(tokenizer, messages: list[dict[str, str]]) -> None:
-    tokens = tokenize(messages, tokenizer)
-    assert tokens.input_ids == tokenizer(render(messages)[0], add_special_tokens=False)["input_ids"]
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return load_tokenizer(tiny_model_dir, None)  # as mix loads it: <|im_end|> is the EOS id
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=TEXT_IDS)
+def test_labels_decode_to_exactly_the_assistant_turns(tokenizer, text: str) -> None:
+    tokens = tokenize(text, tokenizer)
+    assert tokens.input_ids == tokenizer(text)["input_ids"]
+    assert tokens.input_ids[0] == tokenizer.bos_token_id
     assert len(tokens.labels) == len(tokens.input_ids)
     assert all(label in (IGNORE_INDEX, token) for label, token in zip(tokens.labels, tokens.input_ids))
     decoded = [tokenizer.decode(run) for run in labelled_runs(tokens.labels)]
-    assert decoded == [f"{m['content']}\n{IM_END}" for m in messages if m["role"] == "assistant"]
+    assert decoded == [text[start:end] for start, end in assistant_spans(text)]
+    assert all(run[-1] == tokenizer.eos_token_id for run in labelled_runs(tokens.labels))
     # ...and the untrained rest is the prompt side: system and user turns, role headers, newlines between turns.
     untrained = tokenizer.decode([t for t, label in zip(tokens.input_ids, tokens.labels) if label == IGNORE_INDEX])
-    for message in messages:
-        if message["role"] != "assistant":
-            assert message["content"] in untrained
     assert "<think>" not in untrained and "</think>" not in untrained
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["friction", "multi-turn", "no-system"])
-def test_user_starts_point_at_each_user_header(tokenizer, messages: list[dict[str, str]]) -> None:
-    tokens = tokenize(messages, tokenizer)
-    users = [m["content"] for m in messages if m["role"] == "user"]
+@pytest.mark.parametrize("text", TEXTS, ids=TEXT_IDS)
+def test_user_starts_point_at_each_user_header(tokenizer, text: str) -> None:
+    tokens = tokenize(text, tokenizer)
+    users = [turn.group(0) for turn in mix.turns(text) if turn.group(1) == "user"]
     assert len(tokens.user_starts) == len(users)
-    for start, content in zip(tokens.user_starts, users):
-        assert tokenizer.decode(tokens.input_ids[start:]).startswith(f"{IM_START}user\n{content}\n{IM_END}")
+    for start, turn in zip(tokens.user_starts, users):
+        assert tokenizer.decode(tokens.input_ids[start:]).startswith(turn)
         assert not tokenizer.decode(tokens.input_ids[:start]).endswith(IM_START)
 
 
@@ -447,9 +459,9 @@ def over_length_sources() -> dict[str, list]:
 def check_over_length_data(tokenizer) -> None:
     """The test data is what it claims: only fr_a line 9 is over MAX_LENGTH tokens."""
     sources = over_length_sources()
-    messages = [friction_messages(row, SYSTEM_PROMPT) for row in sources["fr_a"]]
-    messages += [reluctance_messages(row) for row in sources["re_b"]]
-    lengths = [len(tokenize(m, tokenizer).input_ids) for m in messages]
+    texts = [friction_text(row, SYSTEM_PROMPT) for row in sources["fr_a"]]
+    texts += [mix.reluctance_text(row) for row in sources["re_b"]]
+    lengths = [len(tokenize(text, tokenizer).input_ids) for text in texts]
     assert [length > MAX_LENGTH for length in lengths] == [False] * 8 + [True] + [False] * 4, lengths
 
 
@@ -474,7 +486,7 @@ def test_over_length_rows_stop_the_stage_under_drop_and_fail(workspace: Path, ma
     write_raw(Path("data/raw"), over_length_sources())
     params = make_params({"fr_a": "friction", "re_b": "reluctance"}, on_bad_rows="fail")
 
-    with pytest.raises(click.ClickException, match=r"data/raw/fr_a\.jsonl line 9: \d+ tokens, over model\.max_length"):
+    with pytest.raises(click.ClickException, match=r"data/sources/fr_a\.jsonl line 9: over_max_length: \d+ tokens, over"):
         run_mix(with_overflow(params, MAX_LENGTH, "drop"))
     assert not Path("data/mixed").exists() and not Path("metrics/mix.json").exists()
     # Under truncate or split the same row is no bad row: it is kept for pack to cut.
@@ -501,7 +513,7 @@ def test_over_length_rows_are_kept_and_counted_for_pack(workspace: Path, make_pa
 def stub_rows(source: str, lengths: list[int]) -> list[Encoded]:
     """Encoded rows of the given token counts (ids are never looked at by sampling)."""
     return [
-        Encoded(Example(f"{source}{i}", source, i + 1, []), Tokenized([0] * n, [0] * n, []))
+        Encoded(Example(f"{source}{i}", source, i + 1, ""), TokenizedExample([0] * n, [0] * n, []), n)
         for i, n in enumerate(lengths)
     ]
 
@@ -611,22 +623,22 @@ def test_weights_not_summing_to_one_are_reported_and_warned(
     assert "warning" not in capsys.readouterr().out
 
 
-def test_a_source_without_clean_rows_is_reported_and_warned(
+def test_a_source_without_clean_rows_and_no_weight_is_reported_and_warned(
     workspace: Path, make_params: Callable, capsys: pytest.CaptureFixture
 ) -> None:
     sources = {"fr_a": [friction_row(f"a{i}") for i in range(10)], "fr_b": [friction_row("b", answer="Error: x")]}
     write_raw(Path("data/raw"), sources)
-    report = run_mix(make_params(sources_format(sources)))
+    report = run_mix(make_params(sources_format(sources), {"fr_a": 1.0, "fr_b": 0.0}))
 
     empty = report["sources"]["fr_b"]
     assert (empty["available"], empty["empty"], empty["capped"], empty["sampled"], empty["tokens"]) == (
-        0, True, True, 0, 0
+        0, True, False, 0, 0
     )  # fmt: skip
-    assert (report["empty_sources"], report["capped_sources"]) == (1, 1)
+    assert report["empty_sources"] == 1
     assert report["sources"]["fr_a"]["empty"] is False
     out = capsys.readouterr().out
     assert "mix: warning: source fr_b has no clean rows" in out
-    assert "mix: fr_b: 1 rows in, 0 kept, 0 sampled" in out and "(capped: asked 4 rows)" in out
+    assert "mix: fr_b: 1 rows in, 0 kept, 0 sampled" in out
 
 
 def test_report_is_dvc_metrics_without_lists(workspace: Path, make_params: Callable) -> None:

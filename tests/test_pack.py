@@ -15,18 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from stages import pack
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START, render
+from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
-from stages.mix import Encoded, Example, friction_messages, reluctance_messages, tokenize, write_parquet
+from stages import mix
+from stages.mix import Encoded, Example, friction_text, tokenize, write_parquet
+from stages.tokens import load_tokenizer
 from stages.pack import Piece, best_fit_decreasing, next_fit, pack_split
 
-SHORT = [
+SHORT = render([
     {"role": "user", "content": "Hi"},
     {"role": "assistant", "content": "<think>\nok\n</think>\nHello."},
-]
+])  # fmt: skip
 # Two assistant turns, non-ASCII text, in the reluctance schema.
 MULTI_TURN = reluctance_text("Should I text him tonight?", "They sound tired.", "Maybe wait? 🙂 Café first.") + (
     "<|im_start|>user\nWhy?\n<|im_end|>\n"
@@ -36,9 +38,7 @@ MULTI_TURN = reluctance_text("Should I text him tonight?", "They sound tired.", 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path):
-    loaded = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert loaded.is_fast
-    return loaded
+    return load_tokenizer(tiny_model_dir, None)  # as mix loads it
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +47,22 @@ def model(tiny_model_dir: Path):
     return loaded.eval()
 
 
-def conversations() -> list[list[dict[str, str]]]:
+def conversations() -> list[str]:
     return [
-        friction_messages(friction_row("1"), SYSTEM_PROMPT),
-        reluctance_messages({"text": MULTI_TURN}),
+        friction_text(friction_row("1"), SYSTEM_PROMPT),
+        mix.reluctance_text({"text": MULTI_TURN}),
         SHORT,
-        friction_messages(friction_row("2", answer="No. " * 5), "Be human."),
+        friction_text(friction_row("2", answer="No. " * 5), "Be human."),
     ]
 
 
-def pieces_of(conversation_list: list[list[dict[str, str]]], tokenizer) -> list[Piece]:
+def pieces_of(texts: list[str], tokenizer) -> list[Piece]:
     """What pack reads from mix's output: token ids, labels and user turn starts, tokenized by mix."""
-    return [Piece(*(getattr(tokenize(m, tokenizer), f) for f in ("input_ids", "labels", "user_starts")))
-            for m in conversation_list]  # fmt: skip
+    return [tokenize(text, tokenizer) for text in texts]
+
+
+def assistant_turns(text: str) -> list[str]:
+    return [text[start:end] for start, end in assistant_spans(text)]
 
 
 def with_pack(params: Params, max_length: int, strategy: str = "bfd", overflow: str = "truncate") -> Params:
@@ -184,12 +187,12 @@ def test_truncate_keeps_the_first_tokens_and_counts_a_cut_then_dropped_example_o
     ],
 )
 def test_overflow_metrics_add_up(tokenizer, demo_params: Params, overflow: str, expected: dict) -> None:
-    capacity = 128
-    long_answer = friction_messages(friction_row("1", answer="I hear you, and I'm not sure. " * 30), SYSTEM_PROMPT)
-    long_user = [
+    capacity = 144
+    long_answer = friction_text(friction_row("1", answer="I hear you, and I'm not sure. " * 30), SYSTEM_PROMPT)
+    long_user = render([
         {"role": "user", "content": "My sister never calls me back and " * 40},
         {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
-    ]
+    ])  # fmt: skip
     examples = pieces_of([SHORT, long_answer, long_user, conversations()[1]], tokenizer)
     lengths = [len(e.input_ids) for e in examples]
     assert lengths[0] + lengths[3] <= capacity < min(lengths[1], lengths[2])  # the test data is what it claims
@@ -258,18 +261,21 @@ def original_trained_text(text: str) -> list[str]:
 
 def test_stacked_masking_is_the_originals(tokenizer, demo_params: Params) -> None:
     stack = conversations()  # system + user, system + two rounds, no system, system + user
-    packed, _ = pack_split(pieces_of(stack, tokenizer), with_pack(demo_params, 1024, strategy="stacked"))
+    bos = tokenizer.bos_token_id
+    packed, _ = pack_split(pieces_of(stack, tokenizer), with_pack(demo_params, 1024, strategy="stacked"), bos)
     assert len(packed["input_ids"]) == 1  # one stack: a real test
     ids, labels = packed["input_ids"][0], packed["labels"][0]
-    text = "".join(render(m)[0] for m in stack)
-    assert tokenizer.decode(ids) == text
+    text = "".join(stack)
+    # The original tokenized a stack as one text: one BOS, at the start of the row.
+    assert ids[0] == bos and ids.count(bos) == 1 and packed["seq_lengths"] == [[len(ids)]]
+    assert tokenizer.decode(ids[1:]) == text
 
     decoded = [tokenizer.decode(run) for run in labelled_runs(labels)]
     assert decoded == original_trained_text(text)
     # What that means: every assistant turn and the newline after it are trained, and so is the system turn of every
     # example after the first (the run of the example before only ends at its user turn) - not the first's.
     trained = "".join(decoded)
-    assert f"{IM_START}system\n{stack[1][0]['content']}\n{IM_END}\n" in trained
+    assert f"{IM_START}system\nYou are careful.\n{IM_END}\n" in trained
     assert f"{IM_START}system\nBe human.\n{IM_END}\n" in trained
     assert SYSTEM_PROMPT not in trained  # example 1's system turn opens the row
     assert f"{IM_START}user\n" not in trained
@@ -279,8 +285,11 @@ def test_stacked_masking_is_the_originals(tokenizer, demo_params: Params) -> Non
 def test_bfd_masking_is_the_assistant_turns_only(tokenizer, demo_params: Params) -> None:
     packed, _ = pack_split(pieces_of(conversations(), tokenizer), with_pack(demo_params, 1024))
     decoded = [tokenizer.decode(run) for run in labelled_runs(packed["labels"][0])]
-    assistant = [f"{m['content']}\n{IM_END}" for c in conversations() for m in c if m["role"] == "assistant"]
+    assistant = [turn for text in conversations() for turn in assistant_turns(text)]
     assert sorted(decoded) == sorted(assistant)
+    # bfd keeps every example's own BOS, as the base's tokenizer put it before every text.
+    starts = itertools.accumulate([0] + packed["seq_lengths"][0][:-1])
+    assert all(packed["input_ids"][0][start] == tokenizer.bos_token_id for start in starts)
 
 
 # --- the key correctness check: packing does not change what a model sees -------------------------------------
@@ -321,11 +330,15 @@ def test_packed_logits_equal_unpacked_logits(tokenizer, model, demo_params: Para
 # --- run: files in, files out ---------------------------------------------------------------------------------
 
 
+def encoded(row_id: str, text: str, tokens: Piece) -> Encoded:
+    return Encoded(Example(row_id, "s", 1, text), tokens, len(tokens.input_ids))
+
+
 def write_mixed(root: Path, tokenizer, train: list, validation: list) -> None:
     (root / "data/mixed").mkdir(parents=True)
-    for split, conversation_list in (("train", train), ("validation", validation)):
-        rows = [Encoded(Example(str(i), "s", i, m), tokenize(m, tokenizer)) for i, m in enumerate(conversation_list)]
-        write_parquet(rows, root / f"data/mixed/{split}.parquet")
+    for split, texts in (("train", train), ("validation", validation)):
+        rows = [encoded(str(i), text, tokenize(text, tokenizer)) for i, text in enumerate(texts)]
+        write_parquet(rows, root / f"data/mixed/{split}.parquet", tokenizer.bos_token_id)
 
 
 def run_pack(params: Params) -> None:
@@ -357,8 +370,8 @@ def test_run_packs_the_token_ids_it_reads(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "data/mixed").mkdir(parents=True)
     for split in ("train", "validation"):
         pieces = [PROMPT_FIRST, FITS] if split == "train" else [ANSWER_FIRST]
-        rows = [Encoded(Example(str(i), "s", i, []), piece) for i, piece in enumerate(pieces)]
-        write_parquet(rows, tmp_path / f"data/mixed/{split}.parquet")
+        rows = [encoded(str(i), "", piece) for i, piece in enumerate(pieces)]
+        write_parquet(rows, tmp_path / f"data/mixed/{split}.parquet", None)
     run_pack(with_pack(demo_params, 64))
 
     train = pq.read_table(tmp_path / "data/packed/train.parquet").to_pylist()
@@ -370,10 +383,10 @@ def test_run_with_nothing_left_fails_and_leaves_no_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer, demo_params: Params
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    long_user = [
+    long_user = render([
         {"role": "user", "content": "My sister never calls me back and " * 40},
         {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
-    ]
+    ])  # fmt: skip
     write_mixed(tmp_path, tokenizer, [SHORT], [long_user])  # truncation cuts off its whole assistant turn
 
     expected = r"no validation rows left: none of its 1 examples keeps a labelled token within model\.max_length 128"
@@ -388,8 +401,8 @@ def test_over_length_example_under_drop_means_mix_is_stale(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/mixed").mkdir(parents=True)
-    write_parquet([Encoded(Example("a", "s", 1, []), FITS)], tmp_path / "data/mixed/train.parquet")
-    write_parquet([Encoded(Example("b7", "s", 1, []), PROMPT_FIRST)], tmp_path / "data/mixed/validation.parquet")
+    write_parquet([encoded("a", "", FITS)], tmp_path / "data/mixed/train.parquet", None)
+    write_parquet([encoded("b7", "", PROMPT_FIRST)], tmp_path / "data/mixed/validation.parquet", None)
     params = with_pack(demo_params, 64, overflow="drop")
     params = params.model_copy(update={"model": params.model.model_copy(update={"max_length": 8})})
 
@@ -408,7 +421,7 @@ def test_over_length_example_under_drop_means_mix_is_stale(
             pa.table({"id": ["a"], "input_ids": [[1, 2]], "labels": [[1]], "user_starts": [[]]}),
             r"train\.parquet row 0 \(id a\): 2 input_ids but 1 labels",
         ),
-        ("not parquet", r"train\.parquet: not a Parquet file"),
+        ("not parquet", r"train\.parquet: not a readable Parquet file"),
     ],
 )
 def test_bad_mixed_files_name_the_file_and_row(
@@ -441,8 +454,7 @@ def test_packed_bfd_rows_train_exactly_the_assistant_turns(demo_pipeline: Path, 
                 if len(ids) == len(example["input_ids"]):
                     whole += 1
                     decoded = [tokenizer.decode(run) for run in labelled_runs(labels)]
-                    assistant = [f"{m['content']}\n{IM_END}" for m in example["messages"] if m["role"] == "assistant"]
-                    assert decoded == assistant
+                    assert decoded == assistant_turns(example["text"])
     assert whole >= 10  # enough examples checked end to end
 
 
@@ -451,7 +463,7 @@ def test_mixed_labels_of_the_real_output_are_the_assistant_turns(demo_pipeline: 
     for split in ("train", "validation"):
         for example in pq.read_table(demo_pipeline / f"data/mixed/{split}.parquet").to_pylist():
             decoded = [tokenizer.decode(run) for run in labelled_runs(example["labels"])]
-            assert decoded == [f"{m['content']}\n{IM_END}" for m in example["messages"] if m["role"] == "assistant"]
+            assert decoded == assistant_turns(example["text"])
 
 
 def test_stacked_rows_of_the_real_output_follow_the_originals_masking(
@@ -464,5 +476,6 @@ def test_stacked_rows_of_the_real_output_follow_the_originals_masking(
     assert all(len(row["seq_lengths"]) == 1 for row in rows)
     assert len(rows) < report["train"]["packed_examples"]  # stacks of several examples
     for row in rows:
+        assert row["input_ids"].count(tokenizer.bos_token_id) == 1 and row["input_ids"][0] == tokenizer.bos_token_id
         text = tokenizer.decode(row["input_ids"])
         assert [tokenizer.decode(run) for run in labelled_runs(row["labels"])] == original_trained_text(text)

@@ -11,7 +11,8 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from stages.chatml import IM_END, IM_START, render
-from stages.tiny_model import build_tiny_model, corpus_from_jsonl
+from stages.tiny_model import BOS, EOS, PAD, build_tiny_model, corpus_from_jsonl
+from stages.tokens import load_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -57,18 +58,29 @@ def test_reloaded_tokenizer_matches_trained_one(built: Path) -> None:
         assert loaded.decode(ids) == text
 
 
-def test_special_tokens(built: Path) -> None:
+def test_special_tokens_are_the_bases(built: Path) -> None:
+    """Like DeepSeek-R1-Distill-Qwen's: BOS before every text, an EOS, single-token <think>, ChatML markers as text."""
     tokenizer = AutoTokenizer.from_pretrained(built)
-    for token in (IM_START, IM_END, "<|endoftext|>"):
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (BOS, EOS, PAD)
+    for token in (BOS, EOS, PAD, "<think>", "</think>"):
         assert len(tokenizer.encode(token, add_special_tokens=False)) == 1
-    assert tokenizer.eos_token == IM_END
-    assert tokenizer.pad_token == "<|endoftext|>"
+    for marker in (IM_START, IM_END):
+        assert len(tokenizer.encode(marker, add_special_tokens=False)) > 1
+    assert tokenizer.encode("hi")[0] == tokenizer.bos_token_id
     assert tokenizer.model_max_length == 4096
+
+
+def test_pipeline_maps_im_end_to_the_eos_id(built: Path) -> None:
+    eos_id = AutoTokenizer.from_pretrained(built).eos_token_id
+    tokenizer = load_tokenizer(built, None)
+    assert tokenizer.eos_token == IM_END and tokenizer.eos_token_id == eos_id
+    assert tokenizer.encode(f"hi\n{IM_END}", add_special_tokens=False)[-1] == eos_id
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(built))  # renamed, not added
 
 
 def test_chat_template_matches_render(built: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(built)
-    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False) == render(MESSAGES)[0]
+    assert tokenizer.apply_chat_template(MESSAGES, tokenize=False) == BOS + render(MESSAGES)
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -93,7 +105,8 @@ def test_model_size_and_generation(tmp_path: Path) -> None:
     assert 3000 <= model.config.vocab_size < 3064
     assert 300_000 < model.num_parameters() < 2_000_000
     assert model.dtype == torch.float32
-    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids(IM_END)
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.bos_token_id == tokenizer.bos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
 
     inputs = tokenizer.apply_chat_template(MESSAGES[:2], add_generation_prompt=True, return_tensors="pt")

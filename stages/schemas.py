@@ -1,0 +1,67 @@
+"""The files the stages hand each other, defined once: mix's examples, pack's rows, and the tokenized example.
+
+- data/mixed/{train,validation}.parquet (mix -> pack): one example a row, MIXED_SCHEMA. The file's metadata holds
+  the tokenizer's BOS id (BOS_METADATA_KEY; absent when it has none), which pack's `stacked` layout needs.
+- data/packed/{train,validation}.parquet (pack -> train, evaluate; bench writes its own): PACKED_SCHEMA, TRL's
+  padding-free format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.chatml import IGNORE_INDEX
+
+TOKEN_IDS = pa.list_(pa.int32())
+MIXED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("text", pa.string()),  # what was tokenized, as the original trained on it
+        ("input_ids", TOKEN_IDS),
+        ("labels", TOKEN_IDS),  # the token id where trained, IGNORE_INDEX elsewhere
+        ("user_starts", TOKEN_IDS),  # the token index of every user turn's header
+    ]
+)
+BOS_METADATA_KEY = b"friction.bos_token_id"
+
+PACKED_SCHEMA = pa.schema([(name, pa.list_(pa.int64())) for name in ("input_ids", "labels", "seq_lengths")])
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """An example's tokens as mix writes them and pack lays them out (or a piece of one that fits a row)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    user_starts: list[int]
+
+    def cut(self, start: int, end: int) -> TokenizedExample:
+        starts = [index - start for index in self.user_starts if start <= index < end]
+        return TokenizedExample(self.input_ids[start:end], self.labels[start:end], starts)
+
+    @property
+    def trained(self) -> bool:
+        return any(label != IGNORE_INDEX for label in self.labels)
+
+
+def read_parquet(path: Path, columns: list[str] | None = None, rerun: str = "") -> pa.Table:
+    """A stage's input table; a missing, truncated or corrupt file is a clear error naming it, not a traceback."""
+    hint = f"; rerun {rerun}" if rerun else ""
+    try:
+        table = pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise click.ClickException(f"{path}: missing{hint or '; run the stage that writes it (dvc repro)'}") from None
+    except (pa.ArrowException, OSError) as error:
+        raise click.ClickException(f"{path}: not a readable Parquet file ({error}){hint}") from None
+    return table
+
+
+def bos_token_id(schema: pa.Schema) -> int | None:
+    value = (schema.metadata or {}).get(BOS_METADATA_KEY)
+    return int(value) if value is not None else None
