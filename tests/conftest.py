@@ -110,6 +110,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The recipe's base tokenizer with its real ids (tests/real_tokenizer.py), built once a session (~5 s)."""
+    from real_tokenizer import build_base_tokenizer
+
+    return build_base_tokenizer(tmp_path_factory.mktemp("real-base"))
+
+
+@pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[..., Path]:
     """Make a fresh workspace (the demo recipe, its bundled sources, the tiny model as demo-base) and run pipeline
     stages there, each as its own `friction` process as dvc repro runs them, with the given PYTHONHASHSEED."""
