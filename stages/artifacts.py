@@ -65,5 +65,10 @@ RAW_MANIFEST = Path("data/raw/manifest.json")
 
 def base_model_reference(manifest_path: Path = RAW_MANIFEST) -> tuple[str, str | None]:
     """The base model as fetch pinned it: (Hub id or local directory, commit or None)."""
-    base = read_json(manifest_path)["base_model"]
+    manifest = read_json(manifest_path)
+    base = manifest.get("base_model") if isinstance(manifest, dict) else None
+    if not isinstance(base, dict) or not isinstance(base.get("location"), str) or "resolved_revision" not in base:
+        raise click.ClickException(
+            f"{manifest_path}: no base_model with its location and resolved_revision; rerun fetch (dvc repro fetch)"
+        )
     return base["location"], base["resolved_revision"]

@@ -22,7 +22,9 @@ LOCAL_SOURCES_DIR = Path("data/sources")
 
 class Section(BaseModel):
     # strict: "42" is not an int and true is not a float; YAML already gives every scalar its real type.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan=False: YAML's .inf and .nan are floats, but no parameter of a run means them (lora.alpha: .inf
+    # would train to NaN, epochs: .inf would never end).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelParams(Section):

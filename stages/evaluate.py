@@ -19,10 +19,12 @@ import torch
 from datasets import Dataset
 from peft import PeftModel
 from tqdm import tqdm
+from safetensors import SafetensorError, safe_open
 from transformers import StoppingCriteriaList, StopStringCriteria, set_seed
 
 from stages import friction_metrics
 from stages.artifacts import write_json
+from stages.schemas import PACKED_SCHEMA, read_parquet
 from stages.chatml import IGNORE_INDEX, IM_END, generation_prompt
 from stages.config import Params
 from stages.modeling import load_base_model
@@ -62,7 +64,12 @@ def stop_settings(tokenizer) -> dict:
     stop_id = end_of_turn_id(tokenizer)
     if stop_id is not None:
         return {"eos_token_id": stop_id}
-    return {"stopping_criteria": StoppingCriteriaList([StopStringCriteria(tokenizer, [IM_END])])}
+    return {"stopping_criteria": turn_end_criteria(tokenizer)}
+
+
+def turn_end_criteria(tokenizer) -> StoppingCriteriaList:
+    """Stop as soon as a response's text ends in <|im_end|>, however many BPE pieces spell it."""
+    return StoppingCriteriaList([StopStringCriteria(tokenizer, [IM_END])])
 
 
 def decoding(params: Params) -> dict[str, bool | float]:
@@ -121,11 +128,31 @@ def read_prompts(path: Path, limit: int | None) -> list[dict]:
     return prompts[:limit]
 
 
-def run(
-    params: Params, packed_dir: Path, manifest_path: Path, adapter_dir: Path, prompts_path: Path,
-    samples_path: Path, metrics_path: Path,
-) -> None:  # fmt: skip
-    prompts = read_prompts(prompts_path, params.evaluate.max_prompts)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_adapter(adapter_dir: Path) -> None:
+    """The adapter train wrote, whole; otherwise say so here (peft would go looking for it on the Hub)."""
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise click.ClickException(f"{adapter_dir / missing[0]}: missing; run train (dvc repro train)")
+    try:
+        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        with safe_open(adapter_dir / "adapter_model.safetensors", framework="pt") as weights:
+            weights.keys()
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError) as error:
+        raise click.ClickException(f"{adapter_dir}: a damaged adapter ({error}); rerun train") from None
+
+
+def validation_rows(path: Path) -> Dataset:
+    missing = [name for name in PACKED_SCHEMA.names if name not in read_parquet(path, rerun="pack").schema.names]
+    if missing:
+        raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun pack")
+    return Dataset.from_parquet(str(path))
+
+
+def load_models(params: Params, manifest_path: Path, adapter_dir: Path):
+    """The base with the adapter (switched off for the base's turn), its tokenizer set up to generate, the device."""
     base, tokenizer, _, _ = load_base_model(params, manifest_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
@@ -134,51 +161,61 @@ def run(
     tokenizer.padding_side = "left"  # generation continues every prompt from its last token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, device
 
-    rows = Dataset.from_parquet(str(packed_dir / "validation.parquet"))
-    with model.disable_adapter():
-        base_loss, tokens = validation_loss(model, rows, device, "base")
-    adapter_loss, _ = validation_loss(model, rows, device, "base + adapter")
-    click.echo(f"evaluate: validation loss base {base_loss:.4f} -> adapter {adapter_loss:.4f} ({tokens} tokens)")
 
-    texts = [
-        generation_prompt([{"role": "system", "content": params.mix.system_prompt},
-                           {"role": "user", "content": p["prompt"]}])
-        for p in prompts
-    ]  # fmt: skip
-    with model.disable_adapter():
-        base_responses = generate(model, tokenizer, texts, params, device, "base")
-    adapter_responses = generate(model, tokenizer, texts, params, device, "base + adapter")
-
-    samples = []
-    for prompt, base_response, adapter_response in zip(prompts, base_responses, adapter_responses, strict=True):
-        samples.append({
+def scored(prompts: list[dict], base_responses: list[str], adapter_responses: list[str]) -> list[dict]:
+    return [
+        {
             "id": prompt.get("id"),
             "prompt": prompt["prompt"],
             "base_response": base_response,
             "adapter_response": adapter_response,
             "base_metrics": friction_metrics.score(base_response),
             "adapter_metrics": friction_metrics.score(adapter_response),
-        })  # fmt: skip
+        }
+        for prompt, base_response, adapter_response in zip(prompts, base_responses, adapter_responses, strict=True)
+    ]
+
+
+def report(losses: dict[str, float], tokens: int, samples: list[dict]) -> dict:
+    return {
+        "validation": {
+            "tokens": tokens,
+            **{f"{label}_loss": round(loss, 4) for label, loss in losses.items()},
+            **{f"{label}_perplexity": round(math.exp(loss), 3) for label, loss in losses.items()},
+        },
+        "friction": {
+            "prompts": len(samples),
+            "base": friction_metrics.summarize([s["base_metrics"] for s in samples]),
+            "adapter": friction_metrics.summarize([s["adapter_metrics"] for s in samples]),
+        },
+    }
+
+
+def run(
+    params: Params, packed_dir: Path, manifest_path: Path, adapter_dir: Path, prompts_path: Path,
+    samples_path: Path, metrics_path: Path,
+) -> None:  # fmt: skip
+    prompts = read_prompts(prompts_path, params.evaluate.max_prompts)
+    check_adapter(adapter_dir)  # everything that can fail on a user's file fails before the base model loads
+    rows = validation_rows(packed_dir / "validation.parquet")
+    model, tokenizer, device = load_models(params, manifest_path, adapter_dir)
+
+    with model.disable_adapter():
+        base_loss, tokens = validation_loss(model, rows, device, "base")
+    adapter_loss, _ = validation_loss(model, rows, device, "base + adapter")
+    click.echo(f"evaluate: validation loss base {base_loss:.4f} -> adapter {adapter_loss:.4f} ({tokens} tokens)")
+
+    system = {"role": "system", "content": params.mix.system_prompt}
+    texts = [generation_prompt([system, {"role": "user", "content": p["prompt"]}]) for p in prompts]
+    with model.disable_adapter():
+        base_responses = generate(model, tokenizer, texts, params, device, "base")
+    adapter_responses = generate(model, tokenizer, texts, params, device, "base + adapter")
+
+    samples = scored(prompts, base_responses, adapter_responses)
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     with samples_path.open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
-
-    write_json(
-        metrics_path,
-        {
-            "validation": {
-                "tokens": tokens,
-                "base_loss": round(base_loss, 4),
-                "adapter_loss": round(adapter_loss, 4),
-                "base_perplexity": round(math.exp(base_loss), 3),
-                "adapter_perplexity": round(math.exp(adapter_loss), 3),
-            },
-            "friction": {
-                "prompts": len(samples),
-                "base": friction_metrics.summarize([s["base_metrics"] for s in samples]),
-                "adapter": friction_metrics.summarize([s["adapter_metrics"] for s in samples]),
-            },
-        },
-    )
+    write_json(metrics_path, report({"base": base_loss, "adapter": adapter_loss}, tokens, samples))
     click.echo(f"evaluate: {len(samples)} prompts answered by both models -> {samples_path}")

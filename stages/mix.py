@@ -245,11 +245,7 @@ def round_trip_problem(text: str, tokens: TokenizedExample, tokenizer: PreTraine
 
 
 def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
-    try:
-        location, revision = base_model_reference(manifest_path)
-    except (KeyError, TypeError) as missing:
-        raise click.ClickException(f"{manifest_path}: no base_model entry with {missing}; rerun fetch") from None
-    return load_tokenizer(location, revision)
+    return load_tokenizer(*base_model_reference(manifest_path))
 
 
 def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:

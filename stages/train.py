@@ -3,14 +3,18 @@
 The base model and its fresh adapter come from the backend `train.backend` resolves to (stages/modeling.py: hf or
 unsloth); everything after that is the same for both. Evaluates every `train.eval_steps`, keeps the best checkpoint
 by validation loss and stops early as the card's run did. Checkpoints live in a persisted directory: a run killed
-midway resumes from its last checkpoint when the stage runs again with the same inputs and backend; any change of
-them starts afresh.
+midway resumes from its last complete checkpoint when the stage runs again with the same inputs and backend; any
+change of them starts afresh, but only once training is about to begin: everything that can be checked (params
+against the installed transformers and the base's modules, the packed files) is checked first, so a mistake never
+costs the checkpoints of a run. A loss that turns NaN or infinite stops the run with an error and no adapter; the
+adapter appears only when training has ended well.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import resource
 import shutil
 import statistics
@@ -22,15 +26,17 @@ import click
 import torch
 from datasets import Dataset
 from dvclive import Live
-from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, GenerationConfig, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from stages.artifacts import base_model_reference, sha256_file, write_json
+from stages.artifacts import atomic_output, base_model_reference, sha256_file, write_json
 from stages.chatml import CHAT_TEMPLATE
 from stages.config import Params
 from stages.modeling import MODEL_WITH_ADAPTER, device_name, library_versions
+from stages.tokens import end_of_turn_id
+from stages.train_checks import check_before_training
 
 
 def packed_datasets(packed_dir: Path, backend: str, max_length: int) -> tuple[Dataset, Dataset]:
@@ -57,17 +63,29 @@ def run_fingerprint(params: Params, backend: str, packed_dir: Path, manifest_pat
 
 
 def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
-    """The latest complete checkpoint of a run with the same fingerprint; otherwise start the directory afresh."""
+    """The latest complete checkpoint of a run with the same fingerprint, if any. Deletes nothing."""
     stamp = checkpoint_dir / "fingerprint.txt"
-    if checkpoint_dir.is_dir() and stamp.is_file() and stamp.read_text() == fingerprint:
-        # The trainer writes trainer_state.json last: a checkpoint killed while being saved lacks it.
-        complete = [path.parent for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}")]
-        if complete:
-            return max(complete, key=lambda path: int(path.name.rpartition("-")[2]))
+    if not (checkpoint_dir.is_dir() and stamp.is_file() and stamp.read_text() == fingerprint):
+        return None
+    complete = [path.parent for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}")
+                if is_complete_state(path)]  # fmt: skip
+    return max(complete, key=lambda path: int(path.name.rpartition("-")[2]), default=None)
+
+
+def is_complete_state(state_file: Path) -> bool:
+    """The trainer writes trainer_state.json last: a checkpoint killed while being saved lacks it, or holds a
+    truncated one."""
+    try:
+        return isinstance(json.loads(state_file.read_text(encoding="utf-8")), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def start_afresh(checkpoint_dir: Path, fingerprint: str) -> None:
+    """Clear the checkpoints of other inputs: called only when this run is about to train."""
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     checkpoint_dir.mkdir(parents=True)
-    stamp.write_text(fingerprint)
-    return None
+    (checkpoint_dir / "fingerprint.txt").write_text(fingerprint)
 
 
 class LiveLog(TrainerCallback):
@@ -102,6 +120,19 @@ class LiveLog(TrainerCallback):
             for name, value in logged.items():
                 self.live.log_metric(name, value)
             self.live.make_summary()
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """A loss that is NaN or infinite will not come back: stop with an error rather than save a broken adapter."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        for key in ("loss", "eval_loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise click.ClickException(
+                    f"train: {key} is {value} at step {state.global_step}; no adapter is saved. Lower "
+                    "train.learning_rate or lora.alpha, or check the data (metrics/pack.json)"
+                )
 
 
 class StepTimer(TrainerCallback):
@@ -216,25 +247,9 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resident memory of the process"  # Linux: KiB
 
 
-def run(
-    params: Params, backend: str, packed_dir: Path, manifest_path: Path, adapter_dir: Path, checkpoint_dir: Path,
-    live_dir: Path, metrics_path: Path,
-) -> None:  # fmt: skip
-    """Train with `backend` ("hf" or "unsloth", as `stages.modeling.resolve_backend` chose it)."""
-    started = time.perf_counter()
-    fingerprint = run_fingerprint(params, backend, packed_dir, manifest_path)
-    resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
-    if resume_from:
-        click.echo(f"train: resuming from {resume_from}")
-
-    set_seed(params.seed)  # before the adapter exists, so LoRA's initial weights follow the seed too
-    model, tokenizer = MODEL_WITH_ADAPTER[backend](params, manifest_path)
-    location, revision = base_model_reference(manifest_path)
-    trainable, total = model.get_nb_trainable_parameters()
-    click.echo(f"train: {trainable:,} trainable of {total:,} parameters, {backend} backend on {device_name()}")
-
+def build_trainer(params: Params, backend: str, model, tokenizer, packed_dir: Path, checkpoint_dir: Path,
+                  callbacks: list[TrainerCallback]) -> SFTTrainer:  # fmt: skip
     train_rows, validation_rows = packed_datasets(packed_dir, backend, params.model.max_length)
-    live_log, step_timer = LiveLog(live_dir), StepTimer()
     trainer = SFTTrainer(
         model=model,
         args=sft_config(params, backend, checkpoint_dir),
@@ -243,47 +258,95 @@ def run(
         processing_class=tokenizer,
         callbacks=[
             EarlyStoppingCallback(params.train.early_stopping_patience, params.train.early_stopping_threshold),
-            live_log,
-            step_timer,
+            StopOnNonFiniteLoss(),
+            *callbacks,
         ],
     )
     require_padding_free(trainer.args, backend)
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return trainer
 
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(str(adapter_dir))
+
+def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
+    """The adapter, its tokenizer (<|im_end|> its EOS, as in the data) and the generation settings that stop on it."""
+    model.save_pretrained(str(adapter_dir))
     (adapter_dir / "README.md").unlink(missing_ok=True)  # peft writes a stub card; the card stage owns README.md
+    # peft keeps target_modules as a set and writes it in hash order: sort it, so the file (and dvc.lock) never
+    # depends on PYTHONHASHSEED.
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
     tokenizer.chat_template = CHAT_TEMPLATE  # so apply_chat_template reproduces the training format
     tokenizer.save_pretrained(str(adapter_dir))
+    generation = GenerationConfig.from_dict(model.generation_config.to_dict())
+    if end_of_turn_id(tokenizer) is not None:  # any engine that reads generation_config.json stops at <|im_end|>
+        generation.eos_token_id = end_of_turn_id(tokenizer)
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(str(adapter_dir))
 
+
+def run(
+    params: Params, backend: str, packed_dir: Path, manifest_path: Path, adapter_dir: Path, checkpoint_dir: Path,
+    live_dir: Path, metrics_path: Path,
+) -> None:  # fmt: skip
+    """Train with `backend` ("hf" or "unsloth", as `stages.modeling.resolve_backend` chose it)."""
+    started = time.perf_counter()
+    check_before_training(params, packed_dir, manifest_path)  # before anything is touched
+    fingerprint = run_fingerprint(params, backend, packed_dir, manifest_path)
+    resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
+
+    set_seed(params.seed)  # before the adapter exists, so LoRA's initial weights follow the seed too
+    model, tokenizer = MODEL_WITH_ADAPTER[backend](params, manifest_path)
+    trainable, total = model.get_nb_trainable_parameters()
+    click.echo(f"train: {trainable:,} trainable of {total:,} parameters, {backend} backend on {device_name()}")
+    step_timer = StepTimer()
+    trainer = build_trainer(params, backend, model, tokenizer, packed_dir, checkpoint_dir, [LiveLog(live_dir), step_timer])
+    if resume_from:
+        click.echo(f"train: resuming from {resume_from}")
+    else:
+        start_afresh(checkpoint_dir, fingerprint)
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not math.isfinite(result.training_loss):  # logged losses are checked as they come; this is the mean of all
+        raise click.ClickException(f"train: the mean training loss is {result.training_loss}; no adapter is saved")
+
+    with atomic_output(adapter_dir) as scratch:
+        save_adapter(trainer.model, tokenizer, scratch)
+    summary = train_summary(trainer, result, step_timer, backend, manifest_path, time.perf_counter() - started)
+    write_json(metrics_path, summary)
+    click.echo(f"train: best eval loss {summary['best_eval_loss']} at epoch {summary['best_eval_epoch']}; "
+               f"adapter in {adapter_dir}")  # fmt: skip
+
+
+def train_summary(trainer: SFTTrainer, result, step_timer: StepTimer, backend: str, manifest_path: Path,
+                  runtime_s: float) -> dict:  # fmt: skip
+    """metrics/train.json: losses, schedule, speed, memory, and what trained on what."""
+    location, revision = base_model_reference(manifest_path)
     memory_mb, memory_measure = peak_memory()
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     best_loss, best_epoch = best_eval(trainer.state.log_history)
     step_seconds, steady_tokens_per_s = step_timer.steady_rate()
-    write_json(
-        metrics_path,
-        {
-            "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
-            "best_eval_loss": best_loss,
-            "best_eval_epoch": best_epoch,
-            "epochs_run": trainer.state.epoch,
-            "steps": trainer.state.global_step,
-            "stopped_early": trainer.state.global_step < trainer.state.max_steps,
-            "runtime_s": round(time.perf_counter() - started, 1),
-            "train_tokens_per_s": round(
-                (trainer.state.num_input_tokens_seen - step_timer.tokens_at_start) / result.metrics["train_runtime"], 1
-            ),
-            # Training steps alone (no evaluation, checkpointing or warm-up): what bench/ compares across backends.
-            "step_seconds_median": None if step_seconds is None else round(step_seconds, 4),
-            "steady_tokens_per_s": None if steady_tokens_per_s is None else round(steady_tokens_per_s, 1),
-            "peak_memory_mb": round(memory_mb, 1),
-            "peak_memory_measure": memory_measure,
-            "trainable_parameters": trainable,
-            "backend": backend,
-            "device": device_name(),
-            "base_model": location,
-            "base_revision": revision,
-            "versions": library_versions(backend),
-        },
-    )
-    click.echo(f"train: best eval loss {best_loss} at epoch {best_epoch}; adapter in {adapter_dir}")
+    trainable, _ = trainer.model.get_nb_trainable_parameters()
+    return {
+        "final_train_loss": train_losses[-1] if train_losses else result.training_loss,
+        "best_eval_loss": best_loss,
+        "best_eval_epoch": best_epoch,
+        "epochs_run": trainer.state.epoch,
+        "steps": trainer.state.global_step,
+        "stopped_early": trainer.state.global_step < trainer.state.max_steps,
+        "runtime_s": round(runtime_s, 1),
+        "train_tokens_per_s": round(
+            (trainer.state.num_input_tokens_seen - step_timer.tokens_at_start) / result.metrics["train_runtime"], 1
+        ),
+        # Training steps alone (no evaluation, checkpointing or warm-up): what bench/ compares across backends.
+        "step_seconds_median": None if step_seconds is None else round(step_seconds, 4),
+        "steady_tokens_per_s": None if steady_tokens_per_s is None else round(steady_tokens_per_s, 1),
+        "peak_memory_mb": round(memory_mb, 1),
+        "peak_memory_measure": memory_measure,
+        "trainable_parameters": trainable,
+        "backend": backend,
+        "device": device_name(),
+        "base_model": location,
+        "base_revision": revision,
+        "versions": library_versions(backend),
+    }

@@ -1,4 +1,4 @@
-"""evaluate: responses stop at <|im_end|> whether or not the tokenizer knows it as a token; batched left-padded
+"""evaluate: responses stop at <|im_end|>, the EOS id, or its text for a tokenizer without EOS; batched left-padded
 generation; validation loss over packed rows equals the loss of their examples one by one; the stage's outputs."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -22,30 +21,31 @@ from transformers import (
 
 from conftest import SYSTEM_PROMPT, TINY_CORPUS
 from stages import evaluate, friction_metrics
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START, generation_prompt, render
+from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, generation_prompt, render
 from stages.cli import main
 from stages.config import Params
-from stages.tiny_model import ENDOFTEXT, train_bpe
+from stages.tiny_model import PAD, train_bpe
+from stages.tokens import load_tokenizer, map_end_of_turn
 
 IM_START_USER = f"{IM_START}user"
 
 
 @pytest.fixture(scope="module")
 def pieces_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with Qwen2's pre-tokenization and no ChatML special tokens, as the real base model's.
+    """A byte-level BPE with Qwen2's pre-tokenization and no EOS token: <|im_end|> stays plain text.
 
     Trained on ChatML text, so <|im_end|> comes out as several pieces, the last one running on into the newline.
     """
-    bpe = train_bpe(TINY_CORPUS * 4, vocab_size=400, special_tokens=[ENDOFTEXT])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT)
+    bpe = train_bpe(TINY_CORPUS * 4, vocab_size=400, special_tokens=[PAD])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token=PAD)
     tokenizer.padding_side = "left"
-    return tokenizer
+    return map_end_of_turn(tokenizer)  # as the stages load it: without an EOS, nothing is mapped
 
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_model_dir: Path):
-    """The demo's kind of tokenizer: <|im_end|> is one special token."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    """The demo's tokenizer as the stages load it: <|im_end|> is its EOS token."""
+    tokenizer = load_tokenizer(tiny_model_dir, None)
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -60,6 +60,12 @@ def test_the_pieces_tokenizer_splits_im_end(pieces_tokenizer, tiny_tokenizer):
     pieces = pieces_tokenizer.convert_ids_to_tokens(encode(pieces_tokenizer, f"ok.\n{IM_END}\n"))
     assert pieces[-1] == "|>Ċ", "the last piece should run past <|im_end|>, the case a token-level match misses"
     assert len(encode(tiny_tokenizer, IM_END)) == 1
+
+
+def test_stop_settings_use_the_eos_id_and_text_only_without_one(pieces_tokenizer, tiny_tokenizer):
+    assert evaluate.stop_settings(tiny_tokenizer) == {"eos_token_id": tiny_tokenizer.eos_token_id}
+    assert encode(tiny_tokenizer, IM_END) == [tiny_tokenizer.eos_token_id]
+    assert set(evaluate.stop_settings(pieces_tokenizer)) == {"stopping_criteria"}
 
 
 @pytest.mark.parametrize("tokenizer_name", ["pieces_tokenizer", "tiny_tokenizer"])
@@ -115,7 +121,7 @@ class ScriptedModel:
 def test_generate_stops_each_response_at_the_end_of_its_turn(pieces_tokenizer, tiny_model_dir, demo_params):
     """With <|im_end|> in pieces: sampling settings of params, a left-padded batch, rows ending at different steps."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.generation_config.eos_token_id = pieces_tokenizer.eos_token_id  # the tiny model's own id means nothing here
+    model.generation_config.eos_token_id = None  # no EOS: the stop-string path alone ends a turn
     replies = ["I disagree.", "Maybe, perhaps, I wonder whether the plan could work."]
     after_the_turn = f"\n{IM_START_USER}\nMore words the model should never get to say."
     scripts = [encode(pieces_tokenizer, f"{reply}\n{IM_END}{after_the_turn}") for reply in replies]
@@ -128,10 +134,26 @@ def test_generate_stops_each_response_at_the_end_of_its_turn(pieces_tokenizer, t
     (output,) = scripted.outputs
     prompt_width = len(pieces_tokenizer(prompts, padding=True, add_special_tokens=False)["input_ids"][0])
     turn_lengths = [len(encode(pieces_tokenizer, f"{reply}\n{IM_END}\n")) for reply in replies]
-    # The longer turn ends the batch; the shorter row went on with padding only.
+    # The longer turn ends the batch (the shorter row's tokens after its turn are cut from its response).
     assert output.shape[1] == prompt_width + max(turn_lengths)
+
+
+def test_generate_stops_on_the_eos_id_of_im_end(tiny_tokenizer, tiny_model_dir, demo_params):
+    """As trained: <|im_end|> is the EOS id, so the model's end of turn ends generation, and finished rows pad."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    replies = ["I disagree.", "Maybe, perhaps, I wonder whether the plan could work."]
+    scripts = [encode(tiny_tokenizer, f"{reply}\n{IM_END}\n{IM_START_USER}\nNever said.") for reply in replies]
+    scripted = ScriptedModel(model, scripts, tiny_tokenizer.pad_token_id)
+    prompts = [generation_prompt([{"role": "user", "content": text}]) for text in ("Hi", "Should I text him tonight?")]
+
+    assert evaluate.generate(scripted, tiny_tokenizer, prompts, demo_params, torch.device("cpu"), "eos") == replies
+    (output,) = scripted.outputs
+    prompt_width = len(tiny_tokenizer(prompts, padding=True)["input_ids"][0])
+    turns = [encode(tiny_tokenizer, f"{reply}\n{IM_END}") for reply in replies]
+    assert all(turn[-1] == tiny_tokenizer.eos_token_id for turn in turns)
+    assert output.shape[1] == prompt_width + max(map(len, turns))  # the longer turn's EOS ends the batch
     short_row = output[0, prompt_width:].tolist()
-    assert short_row[turn_lengths[0] :] == [pieces_tokenizer.pad_token_id] * (max(turn_lengths) - turn_lengths[0])
+    assert short_row[len(turns[0]) :] == [tiny_tokenizer.pad_token_id] * (len(turns[1]) - len(turns[0]))
 
 
 def test_decoding_follows_params(demo_params: Params):
@@ -150,8 +172,9 @@ def _with(params: Params, **sections: dict) -> dict:
 
 def example_tokens(tokenizer, user: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its labels: the assistant turn only."""
-    text, spans = render([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
-                          {"role": "assistant", "content": answer}])  # fmt: skip
+    text = render([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
+                   {"role": "assistant", "content": answer}])  # fmt: skip
+    spans = assistant_spans(text)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
         token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX

@@ -15,6 +15,9 @@ import pytest
 import torch
 from ruamel.yaml import YAML
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, GenerationConfig
+
+from stages.chatml import IM_END
 
 from stages.modeling import device_name
 from stages import train
@@ -79,6 +82,7 @@ def test_killed_run_resumes_and_matches_an_unbroken_run(packed_workspace: Path):
     output = finish(friction("train", cwd=broken))
     assert "resuming from models/checkpoints/checkpoint-" in output
 
+    check_saved_adapter(unbroken / "models/adapter")
     expected, resumed = (json.loads((w / "metrics/train.json").read_text()) for w in (unbroken, broken))
     assert (expected["backend"], expected["device"]) == ("hf", device_name())  # train.backend: hf in the demo
     assert "transformers" in expected["versions"] and "unsloth" not in expected["versions"]
@@ -96,15 +100,30 @@ def test_killed_run_resumes_and_matches_an_unbroken_run(packed_workspace: Path):
         assert [row.split("\t")[0] for row in resumed_rows] == [row.split("\t")[0] for row in unbroken_rows]
 
 
+def check_saved_adapter(adapter: Path) -> None:
+    """The tokenizer maps <|im_end|> to the EOS id as the data did, generation stops on it, the config is sorted."""
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert tokenizer.eos_token == IM_END and tokenizer.encode(IM_END, add_special_tokens=False) == [
+        tokenizer.eos_token_id
+    ]
+    assert GenerationConfig.from_pretrained(adapter).eos_token_id == tokenizer.eos_token_id
+    modules = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules) and len(modules) == 7  # not in PYTHONHASHSEED's order
+
+
 def test_checkpoints_of_other_inputs_or_half_written_are_not_resumed(tmp_path: Path):
     checkpoints = tmp_path / "checkpoints"
     assert resumable_checkpoint(checkpoints, "run-a") is None
-    for step, complete in ((4, True), (8, True), (12, False)):
+    train.start_afresh(checkpoints, "run-a")
+    for step, state in ((4, "{}"), (8, '{"global_step": 8}'), (12, None), (16, '{"global_step": 16, "log_hi')):
         (checkpoints / f"checkpoint-{step}").mkdir()
-        if complete:
-            (checkpoints / f"checkpoint-{step}/trainer_state.json").write_text("{}")
+        if state is not None:
+            (checkpoints / f"checkpoint-{step}/trainer_state.json").write_text(state)
+    # 12 has no trainer_state.json, 16 a truncated one: both were killed while being saved.
     assert resumable_checkpoint(checkpoints, "run-a") == checkpoints / "checkpoint-8"
-    assert resumable_checkpoint(checkpoints, "run-b") is None  # other params or data: start afresh
+    assert resumable_checkpoint(checkpoints, "run-b") is None  # other params or data: not resumed...
+    assert (checkpoints / "checkpoint-8").is_dir()  # ...and not deleted until a run of them starts training
+    train.start_afresh(checkpoints, "run-b")
     assert list(checkpoints.iterdir()) == [checkpoints / "fingerprint.txt"]
 
 
