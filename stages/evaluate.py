@@ -111,6 +111,8 @@ def generate(model, tokenizer, prompts: list[str], params: Params, device: torch
 
 
 def read_prompts(path: Path, limit: int | None) -> list[dict]:
+    if not path.is_file():
+        raise click.ClickException(f"{path}: missing; held-out prompts, one JSON object with a 'prompt' a line")
     prompts = []
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):

@@ -46,7 +46,6 @@ from typing import NoReturn, TypeVar
 
 import click
 import pyarrow as pa
-import pyarrow.parquet as pq
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -62,7 +61,7 @@ from stages.chatml import (
     user_starts,
 )
 from stages.config import Params
-from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample
+from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, write_parquet as write_table
 from stages.tokens import load_tokenizer
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
@@ -399,7 +398,7 @@ def write_parquet(rows: list[Encoded], path: Path, bos_token_id: int | None) -> 
         "user_starts": [row.tokens.user_starts for row in rows],
     }
     schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
-    pq.write_table(pa.Table.from_pydict(columns, schema=schema), path)
+    write_table(pa.Table.from_pydict(columns, schema=schema), path)
 
 
 def echo_report(report: dict) -> None:

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from stages.artifacts import atomic_output, write_json
 from stages.chatml import IGNORE_INDEX
 from stages.config import Params
-from stages.schemas import PACKED_SCHEMA, TokenizedExample, bos_token_id, read_parquet
+from stages.schemas import PACKED_SCHEMA, TokenizedExample, bos_token_id, read_parquet, write_parquet
 
 MIXED_COLUMNS = ["id", "input_ids", "labels", "user_starts"]
 # An example, or the part of one that fits a row.
@@ -197,7 +197,7 @@ def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> N
                     f"pack: no {split} rows left: none of its {counts['examples']} examples keeps a labelled token "
                     f"within model.max_length {params.model.max_length}; see pack.overflow"
                 )
-            pq.write_table(pa.Table.from_pydict(rows, schema=PACKED_SCHEMA), scratch / f"{split}.parquet")
+            write_parquet(pa.Table.from_pydict(rows, schema=PACKED_SCHEMA), scratch / f"{split}.parquet")
             report[split] = counts
             click.echo(
                 f"pack: {split}: {counts['packed_examples']} examples -> {counts['rows']} rows, "

@@ -33,6 +33,11 @@ BOS_METADATA_KEY = b"friction.bos_token_id"
 PACKED_SCHEMA = pa.schema([(name, pa.list_(pa.int64())) for name in ("input_ids", "labels", "seq_lengths")])
 
 
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """With a checksum on every page, so a bit flipped on disk or in transfer is an error when read, not wrong ids."""
+    pq.write_table(table, path, write_page_checksum=True)
+
+
 @dataclass(frozen=True)
 class TokenizedExample:
     """An example's tokens as mix writes them and pack lays them out (or a piece of one that fits a row)."""
@@ -54,7 +59,7 @@ def read_parquet(path: Path, columns: list[str] | None = None, rerun: str = "") 
     """A stage's input table; a missing, truncated or corrupt file is a clear error naming it, not a traceback."""
     hint = f"; rerun {rerun}" if rerun else ""
     try:
-        table = pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=columns, page_checksum_verification=True)
     except FileNotFoundError:
         raise click.ClickException(f"{path}: missing{hint or '; run the stage that writes it (dvc repro)'}") from None
     except (pa.ArrowException, OSError) as error:
