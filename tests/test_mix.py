@@ -15,7 +15,7 @@ from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, re
 from datasets import Dataset, concatenate_datasets
 
 from stages import mix
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
+from stages.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
 from stages.mix import BadRow, Encoded, Example, friction_messages, friction_text, tokenize
 from stages.schemas import TokenizedExample

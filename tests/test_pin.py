@@ -16,7 +16,7 @@ from test_fetch import FRICTION, put_in_hf_cache, run_in
 
 from stages import pin
 from stages.config import Params, load_params
-from stages.fetch import hub_repos
+from stages.hub import hub_repos
 
 OLD_COMMIT = "0" * 40
 
