@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from stages.friction_metrics import (
     summarize,
 )
 
-AUTHOR_EVALS = Path(__file__).resolve().parents[2] / "shared/reference/author-benchmark/all_evals.json"
+AUTHOR_EVALS = Path(__file__).resolve().parent / "fixtures/author-benchmark/all_evals.json"  # vendored, Apache-2.0
 
 
 def test_split_closed_think_block() -> None:
@@ -150,8 +151,6 @@ def test_score_records_names_the_bad_record(second: dict) -> None:
 
 @pytest.fixture(scope="module")
 def author_records() -> list[dict]:
-    if not AUTHOR_EVALS.is_file():
-        pytest.skip(f"author benchmark not found at {AUTHOR_EVALS}")
     return load_records(AUTHOR_EVALS)
 
 
@@ -186,3 +185,25 @@ def test_author_hedge_lexicon_reproduces_the_reported_counts(author_records: lis
     }
     assert per_response["baseline_response"] == pytest.approx(15.1, abs=0.05)
     assert per_response["tuned_response"] == pytest.approx(9.7, abs=0.05)
+
+
+README_ROWS = {  # README's friction-metrics table: row label -> (metric, how the table writes it)
+    "hedges per 100 words (whole response)": ("whole_hedges_per_100_words", "{:.2f}"),
+    "hedges per 100 words (think block)": ("think_hedges_per_100_words", "{:.2f}"),
+    "hedges per 100 words (answer)": ("answer_hedges_per_100_words", "{:.2f}"),
+    "explicit push-back rate": ("answer_pushback_rate", "percent"),
+    "questions put back to the user, per answer": ("answer_questions_to_user", "{:.2f}"),
+    "`</think>` closed": ("think_closed_rate", "percent"),
+    "gestures": ("whole_gestures", "{:g}"),
+}
+
+
+def test_readme_table_is_what_the_vendored_pairs_give(author_records: list[dict]) -> None:
+    summaries = score_records(author_records)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for label, (metric, style) in README_ROWS.items():
+        row = re.search(rf"^\| {re.escape(label)} \| (.+?) \| (.+?) \|$", readme, re.MULTILINE)
+        assert row, f"README has no row {label!r}"
+        for cell, field in zip(row.groups(), ("baseline_response", "tuned_response")):
+            value = summaries[field][metric]
+            assert cell == (f"{value:.0%}".replace("%", " %") if style == "percent" else style.format(value)), label

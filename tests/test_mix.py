@@ -505,6 +505,10 @@ def test_over_length_rows_are_kept_and_counted_for_pack(workspace: Path, make_pa
     assert report["sources"]["re_b"]["over_max_length"] == 0
     [long] = [e for e in read_mixed() if e["id"] == "long"]
     assert len(long["input_ids"]) > MAX_LENGTH  # whole: cutting is pack's job
+    # The token report counts what pack will keep: under truncate, at most max_length of each row.
+    cap = MAX_LENGTH if overflow == "truncate" else None
+    lengths = [len(e["input_ids"]) for e in read_mixed() if e["source"] == "fr_a"]
+    assert counts["tokens"] == sum(min(n, cap) if cap else n for n in lengths)
 
 
 # --- weighting ----------------------------------------------------------------------------------------------
