@@ -191,7 +191,7 @@ def test_the_card_shows_the_run(model_card: ModelCard, run_files):
         "| final training loss | 1.4322 |", "| best validation loss | 1.5268 (epoch 3.57) |",
         "| training runtime | 2093 s |", "| peak memory | 12,044 MiB (GPU memory allocated by torch) |",
         "| validation loss | 1.9381 | 1.5187 |", "unsloth 2026.10.9", "| LoRA rank, alpha, dropout | 24, 56.0, 0.035 |",
-        "max_new_tokens=777,", "temperature=0.65,", "top_p=0.93,", 'stop_strings=["<|im_end|>"]',
+        "max_new_tokens=777,", "temperature=0.65,", "top_p=0.93,", "eos_token_id=tokenizer.eos_token_id,",
         "    '<|im_start|>system\\n'", "    '<|im_start|>assistant\\n'",
         f"![Training and validation loss by optimizer step]({card.LOSS_PLOT})",
         "## Limitations", "## Citation", "## Intended use", "## Bias and risks",
