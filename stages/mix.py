@@ -240,7 +240,8 @@ def round_trip_problem(text: str, tokens: TokenizedExample, tokenizer: PreTraine
     if decoded == expected:
         return None
     at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
-    return f"decodes to {decoded[max(at - 20, 0) : at + 20]!r} where the text has {expected[max(at - 20, 0) : at + 20]!r}"
+    start = max(at - 20, 0)
+    return f"decodes to {decoded[start : at + 20]!r} where the text has {expected[start : at + 20]!r}"
 
 
 def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:

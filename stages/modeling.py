@@ -124,7 +124,7 @@ def load_base_model(params: Params, manifest_path: Path):
         kwargs["device_map"] = {"": 0}  # a 4-bit model is placed on the GPU when loaded and cannot be moved after
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[params.train.precision], **kwargs)
-    except (OSError, ValueError) as error:  # no config.json or weights, an unknown architecture: the folder is not a model
+    except (OSError, ValueError) as error:  # no config.json or weights, or an unknown architecture: not a model
         raise click.ClickException(f"{location}: cannot load the base model ({error}); rerun fetch") from None
     tokenizer = load_tokenizer(location, revision)  # <|im_end|> is its EOS, as in the data mix tokenized
     return model, tokenizer, location, revision

@@ -122,7 +122,9 @@ def without_bos(example: Piece, bos: int) -> Piece:
     return example.cut(1, len(example.input_ids))
 
 
-def pack_split(examples: list[Piece], params: Params, bos: int | None = None) -> tuple[dict[str, list[list[int]]], dict]:
+def pack_split(
+    examples: list[Piece], params: Params, bos: int | None = None
+) -> tuple[dict[str, list[list[int]]], dict]:
     """Rows of `examples`, and their counts. `bos`: the BOS id the tokenizer put before every example, if any."""
     capacity = params.model.max_length
     stacked = params.pack.strategy == "stacked"

@@ -4,8 +4,9 @@ The recipe fine-tunes DeepSeek-R1-Distill-Qwen-7B, which cannot be downloaded or
 model with the same architecture (Qwen2: RoPE, grouped-query attention, SwiGLU, tied embeddings) and the same kind of
 tokenizer as the base's (byte-level BPE with Qwen2's pre-tokenization; DeepSeek's BOS, added to every text, and EOS,
 which the pipeline maps to ``<|im_end|>`` as for the real base; ``<think>`` and ``</think>`` single tokens; ChatML
-markers plain text), but ~0.7M parameters and a few thousand tokens of vocabulary, so tokenizing, LoRA training and generation run on a 2-core CPU in seconds. Weights are
-random from a fixed seed: the demo exercises the pipeline, not the quality of the model.
+markers plain text), but ~0.7M parameters and a few thousand tokens of vocabulary, so tokenizing, LoRA training and
+generation run on a 2-core CPU in seconds. Weights are random from a fixed seed: the demo exercises the pipeline, not
+the quality of the model.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] =
     tokenizer.add_tokens(added)
     if BOS in special_tokens:  # the base's tokenizer puts BOS before every text it encodes
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, tokenizer.token_to_id(BOS))]
+            single=f"{BOS}:0 $A:0",
+            pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
+            special_tokens=[(BOS, tokenizer.token_to_id(BOS))],
         )
     return tokenizer
 

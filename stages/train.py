@@ -301,7 +301,8 @@ def run(
     trainable, total = model.get_nb_trainable_parameters()
     click.echo(f"train: {trainable:,} trainable of {total:,} parameters, {backend} backend on {device_name()}")
     step_timer = StepTimer()
-    trainer = build_trainer(params, backend, model, tokenizer, packed_dir, checkpoint_dir, [LiveLog(live_dir), step_timer])
+    callbacks = [LiveLog(live_dir), step_timer]
+    trainer = build_trainer(params, backend, model, tokenizer, packed_dir, checkpoint_dir, callbacks)
     if resume_from:
         click.echo(f"train: resuming from {resume_from}")
     else:

@@ -1,5 +1,5 @@
-"""The tokens the original trained on, checked with the real ids of the recipe's base tokenizer (tests/real_tokenizer.py):
-BOS first, every <|im_end|> the one EOS id (151643), the text decoded back exactly, every trained span ending in EOS."""
+"""The tokens the original trained on, checked with the real ids of the recipe's base tokenizer
+(tests/real_tokenizer.py): BOS first, every <|im_end|> the one EOS id (151643), the text decoded back exactly, every trained span ending in EOS."""
 
 from __future__ import annotations
 
