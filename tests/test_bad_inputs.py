@@ -162,7 +162,8 @@ def test_a_nan_loss_stops_training_and_keeps_no_adapter(workspace: Path) -> None
     adapter = snapshot(workspace)
     result = CliRunner().invoke(main, ["train"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert "no adapter is saved" in result.output and "is nan" in result.output.lower(), result.output
+    assert "no adapter is saved" in result.output, result.output
+    assert any(f"is {value}" in result.output for value in ("nan", "inf", "-inf")), result.output
     after = snapshot(workspace)
     # The adapter of the earlier, good run is still the one there: nothing of the NaN run replaced it.
     assert {k: v for k, v in after.items() if k.startswith("models/adapter")} == {
