@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from stages.artifacts import base_model_reference, sha256_file, write_json
+from stages import distributed
 from stages.chatml import CHAT_TEMPLATE
 from stages.config import Params
 from stages.modeling import MODEL_WITH_ADAPTER, device_name, library_versions
@@ -150,15 +151,17 @@ def checkpointing_argument(enabled: bool) -> dict[str, bool]:
 def sft_config(params: Params, backend: str, checkpoint_dir: Path) -> SFTConfig:
     train = params.train
     cuda = torch.cuda.is_available()
+    batch_size, grad_accum = distributed.per_device_schedule(train.batch_size, train.grad_accum, distributed.world_size())
     # unsloth's get_peft_model has set up its own checkpointing; the trainer's would replace it.
     trainer_checkpointing = train.gradient_checkpointing and backend == "hf"
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no search for unused ones per step
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the planned steps
@@ -223,7 +226,7 @@ def run(
     """Train with `backend` ("hf" or "unsloth", as `stages.modeling.resolve_backend` chose it)."""
     started = time.perf_counter()
     fingerprint = run_fingerprint(params, backend, packed_dir, manifest_path)
-    resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
+    resume_from = distributed.on_main_process(lambda: resumable_checkpoint(checkpoint_dir, fingerprint))
     if resume_from:
         click.echo(f"train: resuming from {resume_from}")
 
@@ -243,12 +246,14 @@ def run(
         processing_class=tokenizer,
         callbacks=[
             EarlyStoppingCallback(params.train.early_stopping_patience, params.train.early_stopping_threshold),
-            live_log,
+            *([live_log] if distributed.is_main_process() else []),  # dvclive's files are written once
             step_timer,
         ],
     )
     require_padding_free(trainer.args, backend)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not trainer.is_world_process_zero():
+        return  # data parallel: the adapter and metrics of the run are written once, by the first process
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(str(adapter_dir))
@@ -280,6 +285,10 @@ def run(
             "peak_memory_measure": memory_measure,
             "trainable_parameters": trainable,
             "backend": backend,
+            "attn_implementation": model.get_base_model().config._attn_implementation,
+            **distributed.describe(),
+            "per_device_batch_size": trainer.args.per_device_train_batch_size,
+            "per_device_grad_accum": trainer.args.gradient_accumulation_steps,
             "device": device_name(),
             "base_model": location,
             "base_revision": revision,
