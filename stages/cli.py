@@ -74,7 +74,7 @@ def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: 
     params = load_params()
     from stages import distributed
 
-    distributed.launch(params.train.gpus, "train", click.get_current_context().params)  # train.gpus > 1: torchrun
+    distributed.launch(params.train.gpus)  # train.gpus > 1: restarts this command under torchrun
     from stages.modeling import resolve_backend
 
     backend = resolve_backend(params.train.backend)  # first: it imports unsloth, which must precede transformers

@@ -1,7 +1,7 @@
 """Data-parallel training: `train.gpus` processes started by torch's own launcher, and what each of them must do.
 
 `friction train` with `train.gpus: N > 1` replaces itself by `python -m torch.distributed.run --standalone
---nproc_per_node N -m stages train ...` (torchrun), which starts N copies of the stage; the Hugging Face Trainer sees
+--nproc_per_node N <itself> train ...` (torchrun), which starts N copies of the stage; the Hugging Face Trainer sees
 torchrun's environment and trains with DistributedDataParallel. The stage also runs under a launcher started by
 hand (`torchrun`, or `accelerate launch` with an FSDP config such as examples/accelerate-fsdp-qlora.yaml), as long
 as the launcher's process count is `train.gpus`, so params.yaml says how the run was made.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -38,27 +39,19 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def torchrun_command(processes: int, arguments: list[str]) -> list[str]:
-    """The command that runs `python -m stages ARGUMENTS` in `processes` processes on this machine."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "stages", *arguments,
-    ]  # fmt: skip
+def torchrun_command(processes: int, argv: list[str]) -> list[str]:
+    """The command that runs this program (`argv`, as sys.argv holds it) in `processes` processes on this machine."""
+    if not Path(argv[0]).is_file():
+        raise click.ClickException(
+            f"cannot restart {argv[0]!r} under torchrun for train.gpus > 1: "
+            "start the stage as `friction train` or `python -m stages train`"
+        )
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv]
 
 
-def click_arguments(command: str, options: dict[str, Any]) -> list[str]:
-    """A click command's parsed options back as a command line: `train --packed data/packed ...`."""
-    arguments = [command]
-    for name, value in options.items():
-        arguments += [f"--{name.replace('_', '-')}", str(value)]
-    return arguments
-
-
-def launch(gpus: int, command: str, options: dict[str, Any]) -> None:
-    """Start `gpus` processes with torchrun unless this process is one of them already (or `gpus` is 1).
-
-    Replaces this process (its exit status is torchrun's); returns only in the process that is to train.
-    """
+def launch(gpus: int) -> None:
+    """Restart this program in `gpus` processes with torchrun, unless this process is one of them already (or `gpus`
+    is 1). Replaces this process (its exit status becomes torchrun's); returns only in a process that is to train."""
     launched = world_size()
     if "LOCAL_RANK" in os.environ:  # started by a launcher
         if launched != gpus:
@@ -74,11 +67,11 @@ def launch(gpus: int, command: str, options: dict[str, Any]) -> None:
             f"train.gpus is {gpus}, but {torch.cuda.device_count()} CUDA GPUs are visible "
             "(CUDA_VISIBLE_DEVICES); lower train.gpus in params.yaml"
         )
+    command = torchrun_command(gpus, sys.argv)
     where = "GPUs" if torch.cuda.is_available() else "CPU processes (gloo: no CUDA GPU, a test of the path only)"
     click.echo(f"train: data parallel over {gpus} {where}, started by torchrun")
     sys.stdout.flush()
-    command_line = torchrun_command(gpus, click_arguments(command, options))
-    os.execv(command_line[0], command_line)
+    os.execv(command[0], command)
 
 
 def per_device_schedule(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:

@@ -1,0 +1,113 @@
+"""Data-parallel training (stages/distributed.py): the step's rows split over processes, and the demo's train stage in
+two CPU processes (torchrun, gloo) as it would run on two GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import torch
+from ruamel.yaml import YAML
+from safetensors.torch import load_file
+
+from conftest import REPO
+from stages import distributed
+
+
+@pytest.mark.parametrize(
+    ("processes", "expected"),
+    [(1, (2, 4)), (2, (2, 2)), (4, (2, 1)), (8, (1, 1))],
+)
+def test_the_card_recipes_step_keeps_its_eight_rows_on_any_number_of_gpus(processes, expected):
+    batch, accumulation = distributed.per_device_schedule(batch_size=2, grad_accum=4, processes=processes)
+    assert (batch, accumulation) == expected
+    assert batch * accumulation * processes == 8  # x 4096 tokens = 32,768 tokens per optimizer step
+
+
+def test_a_step_that_cannot_be_split_evenly_says_so():
+    with pytest.raises(click.ClickException, match="8 rows per optimizer step cannot be split evenly over 3"):
+        distributed.per_device_schedule(batch_size=2, grad_accum=4, processes=3)
+
+
+def test_torchrun_restarts_the_same_program(tmp_path: Path):
+    program = tmp_path / "friction"
+    program.write_text("")
+    command = distributed.torchrun_command(2, [str(program), "train", "--live", "dvclive"])
+    assert command == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                       str(program), "train", "--live", "dvclive"]  # fmt: skip
+    with pytest.raises(click.ClickException, match="start the stage as `friction train` or `python -m stages train`"):
+        distributed.torchrun_command(2, ["-c", "train"])  # python -c: nothing to restart
+
+
+def test_a_launcher_with_another_process_count_than_params_is_refused(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(click.ClickException, match="train.gpus is 2 in params.yaml, but the launcher started 4"):
+        distributed.launch(2)
+    distributed.launch(4)  # as many as params.yaml says: this process trains
+
+
+def test_more_gpus_than_visible_is_refused(monkeypatch):
+    for name in ("LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(click.ClickException, match="train.gpus is 2, but 1 CUDA GPUs are visible"):
+        distributed.launch(2)
+
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def two_process_workspace(demo_workspace) -> Path:
+    workspace = demo_workspace("ddp")
+    yaml = YAML()
+    params = yaml.load(workspace / "params.yaml")
+    params["train"].update(gpus=2, max_steps=STEPS, eval_steps=3, logging_steps=1, early_stopping_patience=100)
+    yaml.dump(params, workspace / "params.yaml")
+    return workspace
+
+
+def run(command: list[str], workspace: Path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
+    result = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    return output
+
+
+def check_one_run_was_written(workspace: Path, output: str) -> dict:
+    assert output.count("adapter in models/adapter") == 1  # the first process alone writes the outputs
+    assert (workspace / "models/adapter/adapter_model.safetensors").is_file()
+    assert (workspace / "dvclive/metrics.json").is_file()
+    metrics = json.loads((workspace / "metrics/train.json").read_text())
+    assert (metrics["processes"], metrics["parallelism"]) == (2, "ddp")
+    # The demo's step of 2 rows x 1 micro-batch is 1 row per process per step.
+    assert (metrics["per_device_batch_size"], metrics["per_device_grad_accum"], metrics["steps"]) == (1, 1, STEPS)
+    assert metrics["attn_implementation"] == "sdpa"  # auto, on a CPU
+    return metrics
+
+
+@pytest.mark.e2e
+def test_friction_train_with_two_gpus_starts_two_processes_that_hold_the_same_weights(two_process_workspace: Path):
+    """`train.gpus: 2` on a CPU: two gloo processes started by torchrun, as on two GPUs."""
+    workspace = two_process_workspace
+    output = run([sys.executable, str(REPO / "tests/ddp_probe.py")], workspace)
+    assert "data parallel over 2 CPU processes" in output
+    check_one_run_was_written(workspace, output)
+    first, second = (load_file(workspace / f"rank-weights/{rank}.safetensors") for rank in (0, 1))
+    assert first.keys() == second.keys() and len(first) == 2 * 2 * 7  # A and B of 7 projections in 2 layers
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+    adapter = load_file(workspace / "models/adapter/adapter_model.safetensors")
+    trained = next(name for name in first if "lora_B" in name)
+    assert torch.count_nonzero(first[trained]) > 0  # lora_B starts at zero: the processes did train
+    assert len(adapter) == len(first)
