@@ -53,6 +53,9 @@ def launch(gpus: int) -> None:
     """Restart this program in `gpus` processes with torchrun, unless this process is one of them already (or `gpus`
     is 1). Replaces this process (its exit status becomes torchrun's); returns only in a process that is to train."""
     launched = world_size()
+    if fsdp_requested() and not torch.cuda.is_available():
+        raise click.ClickException("FSDP (accelerate launch with an FSDP config) shards the model over CUDA GPUs, "
+                                   "and none is visible; on a CPU, train.gpus > 1 runs DDP over gloo")  # fmt: skip
     if "LOCAL_RANK" in os.environ:  # started by a launcher
         if launched != gpus:
             raise click.ClickException(
@@ -99,6 +102,15 @@ def on_main_process(function: Callable[[], T]) -> T:
     state = PartialState(cpu=not torch.cuda.is_available())  # joins torchrun's process group; the Trainer reuses it
     result = [function() if state.is_main_process else None]
     return broadcast_object_list(result, from_process=0)[0]
+
+
+def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the trained model's whole state gathered on the first process (every process must call this);
+    None otherwise, where each process holds the whole model and the first one saves it as it is."""
+    if not trainer.is_fsdp_enabled:
+        return None
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    return trainer.accelerator.get_state_dict(trainer.model)
 
 
 def is_main_process() -> bool:

@@ -252,11 +252,12 @@ def run(
     )
     require_padding_free(trainer.args, backend)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from every process's shard
     if not trainer.is_world_process_zero():
         return  # data parallel: the adapter and metrics of the run are written once, by the first process
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(str(adapter_dir))
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(adapter_dir), state_dict=state_dict)
     (adapter_dir / "README.md").unlink(missing_ok=True)  # peft writes a stub card; the card stage owns README.md
     tokenizer.chat_template = CHAT_TEMPLATE  # so apply_chat_template reproduces the training format
     tokenizer.save_pretrained(str(adapter_dir))

@@ -16,7 +16,7 @@ from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
 from conftest import REPO
-from stages import distributed
+from stages import distributed, modeling
 
 
 @pytest.mark.parametrize(
@@ -111,3 +111,40 @@ def test_friction_train_with_two_gpus_starts_two_processes_that_hold_the_same_we
     trained = next(name for name in first if "lora_B" in name)
     assert torch.count_nonzero(first[trained]) > 0  # lora_B starts at zero: the processes did train
     assert len(adapter) == len(first)
+
+
+def test_each_process_loads_the_4bit_base_on_its_own_gpu(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    placement = modeling.quantized_placement()
+    assert placement["device_map"] == {"": 3}
+    assert placement["quantization_config"].bnb_4bit_quant_storage == torch.uint8  # bitsandbytes' default
+
+
+def test_under_fsdp_the_4bit_weights_are_stored_shardable_and_placed_by_fsdp(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for an FSDP config
+    placement = modeling.quantized_placement()
+    config = placement["quantization_config"]
+    assert "device_map" not in placement
+    assert config.bnb_4bit_quant_storage == config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_fsdp_without_a_gpu_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(click.ClickException, match="FSDP .* shards the model over CUDA GPUs"):
+        distributed.launch(2)
+
+
+def test_the_shipped_fsdp_config_is_an_accelerate_fsdp_config_that_the_stage_recognises(monkeypatch):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = REPO / "examples/accelerate-fsdp-qlora.yaml"
+    arguments = launch_command_parser().parse_args(["--config_file", str(config), "-m", "stages", "train"])
+    environment = prepare_multi_gpu_env(_validate_launch_command(arguments)[0])  # what accelerate launch exports
+    assert environment["FSDP_USE_ORIG_PARAMS"] == "false"
+    assert environment["FSDP_ACTIVATION_CHECKPOINTING"] == "false"  # train.gradient_checkpointing does it
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert distributed.fsdp_requested()
