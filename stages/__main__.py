@@ -1,4 +1,4 @@
-"""`python -m stages ...` is `friction ...`: how torchrun starts the train stage in each process (stages/distributed.py)."""
+"""`python -m stages ...` is `friction ...` (torchrun can start the train stage this way: stages/distributed.py)."""
 
 from stages.cli import main
 

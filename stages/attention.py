@@ -172,4 +172,3 @@ def register_varlen(kernel: VarlenKernel | None = None) -> None:
     # 2-D padding mask, which the attention function refuses, for padded rows). Without a registered mask function
     # transformers would pass no mask at all, silently ignoring padding.
     ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)
-

@@ -121,4 +121,3 @@ def describe() -> dict[str, Any]:
     """How the run was spread, for metrics/train.json."""
     parallelism = "fsdp" if fsdp_requested() else "ddp" if world_size() > 1 else "none"
     return {"processes": world_size(), "parallelism": parallelism}
-

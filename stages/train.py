@@ -151,7 +151,8 @@ def checkpointing_argument(enabled: bool) -> dict[str, bool]:
 def sft_config(params: Params, backend: str, checkpoint_dir: Path) -> SFTConfig:
     train = params.train
     cuda = torch.cuda.is_available()
-    batch_size, grad_accum = distributed.per_device_schedule(train.batch_size, train.grad_accum, distributed.world_size())
+    processes = distributed.world_size()
+    batch_size, grad_accum = distributed.per_device_schedule(train.batch_size, train.grad_accum, processes)
     # unsloth's get_peft_model has set up its own checkpointing; the trainer's would replace it.
     trainer_checkpointing = train.gradient_checkpointing and backend == "hf"
     return SFTConfig(
