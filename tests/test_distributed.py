@@ -148,3 +148,15 @@ def test_the_shipped_fsdp_config_is_an_accelerate_fsdp_config_that_the_stage_rec
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert distributed.fsdp_requested()
+
+
+def test_the_card_names_the_attention_kernel_and_the_data_parallel_processes(tmp_path: Path):
+    from test_card import build_card, write_run
+
+    paths = write_run(tmp_path)
+    metrics = json.loads((paths["metrics"] / "train.json").read_text())
+    metrics |= {"attn_implementation": "varlen", "processes": 4, "parallelism": "ddp"}
+    (paths["metrics"] / "train.json").write_text(json.dumps(metrics))
+    text = build_card(paths).text
+    assert "| hardware | NVIDIA H100 80GB HBM3, 4 data-parallel processes (ddp) |" in text
+    assert "| attention | varlen (`model.attn_implementation: auto`) |" in text
