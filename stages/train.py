@@ -27,8 +27,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from stages.artifacts import base_model_reference, sha256_file, write_json
 from stages import distributed
+from stages.artifacts import base_model_reference, sha256_file, write_json
 from stages.chatml import CHAT_TEMPLATE
 from stages.config import Params
 from stages.modeling import MODEL_WITH_ADAPTER, device_name, library_versions
