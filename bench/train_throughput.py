@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -249,15 +248,20 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
         "UNSLOTH_DISABLE_STATISTICS": "1",  # unsloth would otherwise try to reach the Hub when imported
     }
     started = time.perf_counter()
-    # `python -m stages train` is `friction train`: with train.gpus > 1 it restarts itself under torchrun, whose
-    # processes share this session, so a timeout ends them all.
+    # `python -m stages train` is `friction train`: with train.gpus > 1 it restarts itself as torchrun (same
+    # process), which runs each worker in a session of its own and stops them all when it is sent SIGTERM.
     process = subprocess.Popen([sys.executable, "-m", "stages", "train"], cwd=workspace, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         log, failed = process.communicate(timeout=timeout)[0].decode(errors="replace"), process.returncode != 0
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, failed = f"{process.communicate()[0].decode(errors='replace')}\ntimed out after {timeout} s", True
+        process.terminate()
+        try:
+            output = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+        log, failed = f"{output.decode(errors='replace')}\ntimed out after {timeout} s", True
     (workspace / "train.log").write_text(log)
     result = {"variant": name, "wall_s": round(time.perf_counter() - started, 1)}
     if failed:

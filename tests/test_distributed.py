@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import click
+import psutil
 import pytest
 import torch
 from ruamel.yaml import YAML
@@ -74,11 +78,14 @@ def two_process_workspace(demo_workspace) -> Path:
     return workspace
 
 
-def run(command: list[str], workspace: Path) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+def environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
-    result = subprocess.run(command, cwd=workspace, env=env, capture_output=True, text=True, timeout=900)
+
+
+def run(command: list[str], workspace: Path) -> str:
+    result = subprocess.run(command, cwd=workspace, env=environment(), capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     return output
@@ -97,9 +104,12 @@ def check_one_run_was_written(workspace: Path, output: str) -> dict:
 
 
 @pytest.mark.e2e
-def test_friction_train_with_two_gpus_starts_two_processes_that_hold_the_same_weights(two_process_workspace: Path):
+def test_friction_train_with_two_gpus_starts_two_processes_that_hold_the_same_weights(
+    two_process_workspace: Path, tmp_path: Path
+):
     """`train.gpus: 2` on a CPU: two gloo processes started by torchrun, as on two GPUs."""
-    workspace = two_process_workspace
+    workspace = tmp_path / "run"
+    shutil.copytree(two_process_workspace, workspace)
     output = run([sys.executable, str(REPO / "tests/ddp_probe.py")], workspace)
     assert "data parallel over 2 CPU processes" in output
     check_one_run_was_written(workspace, output)
@@ -160,3 +170,34 @@ def test_the_card_names_the_attention_kernel_and_the_data_parallel_processes(tmp
     text = build_card(paths).text
     assert "| hardware | NVIDIA H100 80GB HBM3, 4 data-parallel processes (ddp) |" in text
     assert "| attention | varlen (`model.attn_implementation: auto`) |" in text
+
+
+@pytest.mark.e2e
+def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
+    two_process_workspace: Path, tmp_path: Path
+):
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    for workspace in (unbroken, broken):
+        shutil.copytree(two_process_workspace, workspace)
+    run(["friction", "train"], unbroken)
+
+    process = subprocess.Popen(["friction", "train"], cwd=broken, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    checkpoint = broken / "models/checkpoints/checkpoint-3/trainer_state.json"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # As when the machine goes down: torchrun and its workers (each in a session of its own) die at once.
+    for pid in [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]:
+        os.kill(pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (broken / "models/adapter").exists()
+
+    output = run(["friction", "train"], broken)
+    assert "resuming from models/checkpoints/checkpoint-3" in output
+    expected, resumed = (json.loads((w / "metrics/train.json").read_text()) for w in (unbroken, broken))
+    for key in ("final_train_loss", "best_eval_loss", "steps"):
+        assert resumed[key] == pytest.approx(expected[key], rel=1e-6), key
+    expected_weights = load_file(unbroken / "models/adapter/adapter_model.safetensors")
+    for name, tensor in load_file(broken / "models/adapter/adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, expected_weights[name], rtol=1e-5, atol=1e-6, msg=name)
