@@ -220,10 +220,8 @@ def why_not_here(variant: Variant) -> str | None:
         return None
     if torch.cuda.device_count() < variant.gpus:
         return f"{variant.gpus} GPUs needed, {torch.cuda.device_count()} visible"
-    problems = {"flash_attention_4": attention.flash_attention_4_problem, "varlen": attention.varlen_problem,
-                "flex_attention": attention.flex_problem}  # fmt: skip
-    if variant.attention in problems:
-        return problems[variant.attention]()
+    if variant.attention in attention.MASK_FREE:
+        return attention.MASK_FREE[variant.attention]()
     return None
 
 

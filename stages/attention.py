@@ -67,6 +67,18 @@ def flex_problem() -> str | None:
     return None
 
 
+MASK_FREE = {"flash_attention_4": flash_attention_4_problem, "varlen": varlen_problem, "flex_attention": flex_problem}
+"""The implementations that skip other documents without a dense mask, fastest first, and what rules each out."""
+
+
+def gpu_problem(implementation: str, dtype: torch.dtype) -> str | None:
+    """Why `implementation` (one of MASK_FREE) cannot train weights of `dtype` on this CUDA GPU; None if it can."""
+    problem = MASK_FREE[implementation]()
+    if problem is None and implementation != "flex_attention" and dtype not in HALF_DTYPES:
+        problem = f"its kernel computes in bf16 or fp16, and train.precision gives {dtype}"
+    return problem
+
+
 def resolve(requested: str, dtype: torch.dtype) -> str:
     """The attention implementation that trains for `model.attn_implementation` = `requested` and weights of `dtype`.
 
@@ -85,23 +97,14 @@ def resolve(requested: str, dtype: torch.dtype) -> str:
             f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible "
             "(torch 2.13 refuses flex_attention's backward pass on CPU); set it to auto or sdpa in params.yaml"
         )
-    problems = {
-        "flash_attention_4": flash_attention_4_problem,
-        "varlen": varlen_problem,
-        "flex_attention": flex_problem,
-    }
     if requested != "auto":
-        problem = problems[requested]()
-        if problem is None and requested != "flex_attention" and dtype not in HALF_DTYPES:
-            problem = f"its kernel computes in bf16 or fp16, and train.precision gives {dtype}"
+        problem = gpu_problem(requested, dtype)
         if problem is not None:
             raise click.ClickException(f"model.attn_implementation: {requested}, but {problem}; or set it to auto")
         return requested
     reasons = []
-    for name, problem_of in problems.items():
-        problem = problem_of()
-        if problem is None and name != "flex_attention" and dtype not in HALF_DTYPES:
-            problem = f"it computes in bf16 or fp16, not {dtype}"
+    for name in MASK_FREE:
+        problem = gpu_problem(name, dtype)
         if problem is None:
             because = f" ({'; '.join(reasons)})" if reasons else ""
             click.echo(f"train: model.attn_implementation auto uses {name}{because}")
