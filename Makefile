@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test repro train recipe cuda unsloth clean
+.PHONY: setup demo test repro train recipe cuda unsloth flash-attention-4 clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,11 @@ unsloth: $(STAMP)
 	@$(VENV)/bin/python -c "import torch, sys; torch.cuda.is_available() or sys.exit('make unsloth: no CUDA GPU visible to torch; unsloth trains on NVIDIA GPUs only (train.backend: hf works anywhere)')"
 	$(VENV)/bin/pip install --quiet -r requirements/unsloth.txt
 	$(VENV)/bin/python -c "import unsloth; print('unsloth', unsloth.__version__, 'ready: train.backend auto or unsloth uses it')"
+
+# FlashAttention 4 for model.attn_implementation auto or flash_attention_4: a pure-Python wheel, Hopper GPUs and newer.
+flash-attention-4: $(STAMP)
+	@$(VENV)/bin/python -c "import torch, sys; torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 or sys.exit('make flash-attention-4: needs a Hopper or newer CUDA GPU (auto uses torch varlen attention elsewhere)')"
+	$(VENV)/bin/pip install --quiet -e '.[flash-attention-4]'
 
 clean:
 	rm -rf build

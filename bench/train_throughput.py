@@ -1,14 +1,23 @@
-"""Training throughput of the train stage per backend and base precision: tokens/s, peak GPU memory, MFU.
+"""Training throughput of the train stage: attention kernels, backends and base precision side by side.
 
 Each variant runs `friction train` itself (params.yaml, TRL's SFTTrainer, evaluation, checkpoints, dvclive, adapter)
-in a scratch workspace and a process of its own, with the card recipe's LoRA, batch, optimizer and precision, on a
-model of Qwen2.5-0.5B's shape built from its config (random weights: the loss means nothing) over packed rows of
-4096 random tokens. Throughput is train.json's steady_tokens_per_s: the median over optimizer steps, the first one
-left out. MFU counts the FLOPs LoRA training needs (`model_flops_per_token`) against the GPU's dense bf16 peak.
+in a scratch workspace and a process of its own (torchrun's processes for the DDP variant), with the card recipe's
+LoRA, batch, optimizer and precision, over packed rows of 4096 random tokens, on bases built from a published
+config with random weights (the loss means nothing):
+- `0.5b`: Qwen2.5-0.5B's shape (494,032,768 parameters), bf16;
+- `7b`: DeepSeek-R1-Distill-Qwen-7B's (Qwen2.5-7B's) shape (7,615,616,512 parameters), loaded in 4 bit (QLoRA).
+Throughput is train.json's steady_tokens_per_s: the median over optimizer steps, the first one left out, summed
+over the processes. MFU counts the FLOPs LoRA training needs (`model_flops_per_token`) against the dense bf16 peak
+of the GPUs used.
 
-Run on a CUDA machine, after `make setup cuda` (and `make unsloth` for the unsloth rows):
+Suites: `attention` (the default: every model.attn_implementation on the 0.5B shape, sdpa against the mask-free
+kernels on the 7B 4-bit shape, and auto with DDP over two GPUs if two are visible; about 8 minutes on one H100 or
+H200) and `backends` (hf and unsloth, bf16 and 4-bit, on the 0.5B shape). A variant that cannot run on this machine
+(a kernel not installed, one GPU only) is listed as skipped, with the reason.
+
+Run on a CUDA machine, after `make setup cuda` (`make flash-attention-4`, `make unsloth` for those rows):
     python bench/train_throughput.py --out build/bench
-Check the script itself on a CPU in about a minute (a tiny model, fp32, hf only):
+Check the script itself on a CPU in about a minute (a tiny model, fp32; the GPU variants are skipped):
     python bench/train_throughput.py --smoke --out build/bench-smoke
 Results: BENCHMARKS.md.
 """
@@ -22,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -34,21 +44,65 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages import attention  # noqa: E402
 from stages.schemas import PACKED_SCHEMA  # noqa: E402
 from stages.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E402
 
-# Qwen2.5-0.5B's published config; the tokenizer stays tiny, its ids all fall in the first rows of the embedding.
+# Published configs; the tokenizer stays tiny, its ids all fall in the first rows of the embedding.
 QWEN2_5_0_5B = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
     num_key_value_heads=2, max_position_embeddings=32768,
 )  # fmt: skip
-VARIANTS = {
-    "hf-bf16": {"train": {"backend": "hf"}, "model": {"load_in_4bit": False}},
-    "hf-4bit": {"train": {"backend": "hf"}, "model": {"load_in_4bit": True}},
-    "unsloth-bf16": {"train": {"backend": "unsloth"}, "model": {"load_in_4bit": False}},
-    "unsloth-4bit": {"train": {"backend": "unsloth"}, "model": {"load_in_4bit": True}},
+QWEN2_5_7B = dict(  # DeepSeek-R1-Distill-Qwen-7B's shape
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, max_position_embeddings=131072, tie_word_embeddings=False,
+)  # fmt: skip
+SHAPES = {"0.5b": QWEN2_5_0_5B, "7b": QWEN2_5_7B}
+STEPS = {"0.5b": 10, "7b": 5}  # per variant; the first step is warm-up. Sized for the attention suite's 8 minutes.
+FLOPS_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    shape: str
+    changes: dict = field(default_factory=dict)  # params.yaml sections to override
+    gpus: int = 1
+
+    @property
+    def attention(self) -> str:
+        return self.changes.get("model", {}).get("attn_implementation", "auto")
+
+    @property
+    def four_bit(self) -> bool:
+        return self.changes.get("model", {}).get("load_in_4bit", False)
+
+
+def variant(name: str, shape: str, backend: str, four_bit: bool, attn: str = "auto", gpus: int = 1) -> Variant:
+    changes = {
+        "train": {"backend": backend, "gpus": gpus},
+        "model": {"load_in_4bit": four_bit, "attn_implementation": attn},
+    }
+    return Variant(name, shape, changes, gpus)
+
+
+KERNELS = ("sdpa", "flex_attention", "varlen", "flash_attention_4")
+SUITES = {
+    "attention": [
+        *(variant(f"0.5b-bf16-{kernel}", "0.5b", "hf", False, kernel) for kernel in KERNELS),
+        *(variant(f"7b-4bit-{kernel}", "7b", "hf", True, kernel) for kernel in ("sdpa", "varlen", "flash_attention_4")),
+        variant("0.5b-bf16-auto-2gpus", "0.5b", "hf", False, "auto", gpus=2),
+    ],
+    "backends": [
+        variant("hf-bf16", "0.5b", "hf", False),
+        variant("hf-4bit", "0.5b", "hf", True),
+        variant("unsloth-bf16", "0.5b", "unsloth", False),
+        variant("unsloth-4bit", "0.5b", "unsloth", True),
+    ],
 }
-# A CPU can run none of the CUDA paths: fp32, torch's AdamW, a short context.
+VARIANTS = {v.name: v for suite in SUITES.values() for v in suite}
+# A CPU can run none of the CUDA paths: fp32, torch's AdamW, a short context, tiny bases.
 SMOKE = {"train": {"precision": "fp32", "optimizer": "adamw_torch"}, "model": {"max_length": 256}}
 H100_BF16_DENSE_TFLOPS = 989.4  # NVIDIA's datasheet figure for the H100 SXM, also the H200's
 
@@ -127,6 +181,50 @@ def deep_update(target: dict, changes: dict) -> None:
             target[key] = value
 
 
+def build_base(base: Path, shape: dict) -> None:
+    """A base of `shape` with random weights and the demo's tiny tokenizer, in `base`; reused when it is there."""
+    if base_has_shape(base, shape):
+        return
+    shutil.rmtree(base, ignore_errors=True)
+    corpus = corpus_from_jsonl(sorted((REPO / "data/sources/demo").glob("*.jsonl")))
+    if shape.get("hidden_size", 0) < 2048:  # up to the 0.5B shape: initialised in fp32 on the CPU in seconds
+        build_tiny_model(corpus, base, **shape)
+        return
+    # 7.6B weights: initialised in bf16 on the GPU (seconds, where fp32 on the CPU takes minutes and 30 GB), then
+    # saved beside the tiny model's tokenizer in place of its weights.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    build_tiny_model(corpus, base)
+    config = AutoConfig.from_pretrained(base)
+    for key, value in shape.items():
+        setattr(config, key, value)
+    for weights in base.glob("model*.safetensors*"):
+        weights.unlink()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(base)
+    del model
+    torch.cuda.empty_cache()
+
+
+def why_not_here(variant: Variant) -> str | None:
+    """Why `variant` cannot run on this machine; None if it can."""
+    if not torch.cuda.is_available():
+        if variant.four_bit:
+            return "4-bit loading needs a CUDA GPU"
+        if variant.gpus > 1:
+            return "DDP over GPUs needs CUDA GPUs"
+        if variant.attention not in ("auto", "sdpa"):
+            return f"{variant.attention} needs a CUDA GPU"
+        return None
+    if torch.cuda.device_count() < variant.gpus:
+        return f"{variant.gpus} GPUs needed, {torch.cuda.device_count()} visible"
+    if variant.attention in attention.MASK_FREE:
+        return attention.MASK_FREE[variant.attention]()
+    return None
+
+
 def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: Path, timeout: int) -> dict:
     workspace = out / name
     shutil.rmtree(workspace, ignore_errors=True)
@@ -148,15 +246,20 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
         "UNSLOTH_DISABLE_STATISTICS": "1",  # unsloth would otherwise try to reach the Hub when imported
     }
     started = time.perf_counter()
+    # `python -m stages train` is `friction train`: with train.gpus > 1 it restarts itself as torchrun (same
+    # process), which runs each worker in a session of its own and stops them all when it is sent SIGTERM.
+    process = subprocess.Popen([sys.executable, "-m", "stages", "train"], cwd=workspace, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     try:
-        process = subprocess.run(
-            [sys.executable, "-c", "from stages.cli import main; main()", "train"],
-            cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout,
-        )  # fmt: skip
-        log, failed = process.stdout + process.stderr, process.returncode != 0
-    except subprocess.TimeoutExpired as expired:  # its output comes as bytes, text=True or not
-        output = b"".join(stream or b"" for stream in (expired.stdout, expired.stderr)).decode(errors="replace")
-        log, failed = f"{output}\ntimed out after {timeout} s", True
+        log, failed = process.communicate(timeout=timeout)[0].decode(errors="replace"), process.returncode != 0
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            output = process.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = process.communicate()[0]
+        log, failed = f"{output.decode(errors='replace')}\ntimed out after {timeout} s", True
     (workspace / "train.log").write_text(log)
     result = {"variant": name, "wall_s": round(time.perf_counter() - started, 1)}
     if failed:
@@ -165,73 +268,94 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
 
 
 def table(results: list[dict], peak_tflops: float) -> str:
-    reference = next((r["train"]["steady_tokens_per_s"] for r in results if "train" in r), None)
+    """One row per variant; `vs sdpa` compares with the first row of the same shape (its sdpa run in the
+    attention suite)."""
+    first_of_shape: dict[str, float] = {}
     lines = [
-        "| variant | tokens/s | vs first | s/step | peak GiB | MFU | final loss | device |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| variant | attention | GPUs | tokens/s | vs first | s/step | peak GiB | MFU | final loss | device |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for result in results:
+        name = result["variant"]
+        if "skipped" in result:
+            lines.append(f"| {name} | skipped: {result['skipped']} | | | | | | | | |")
+            continue
         if "error" in result:
-            lines.append(f"| {result['variant']} | failed: see {result['variant']}/train.log | | | | | | |")
+            lines.append(f"| {name} | failed: see {name}/train.log | | | | | | | | |")
             continue
         train, mfu = result["train"], result.get("mfu")
+        rate = train["steady_tokens_per_s"]
+        reference = first_of_shape.setdefault(result["shape"], rate)
         lines.append(
-            f"| {result['variant']} | {train['steady_tokens_per_s']:,.0f} | "
-            f"{train['steady_tokens_per_s'] / reference:.2f} | {train['step_seconds_median']:.3f} | "
+            f"| {name} | {train['attn_implementation']} | {train['processes']} | {rate:,.0f} | "
+            f"{rate / reference:.2f} | {train['step_seconds_median']:.3f} | "
             f"{train['peak_memory_mb'] / 1024:.1f} | {f'{mfu:.1%}' if mfu is not None else 'n/a'} | "
             f"{train['final_train_loss']:.3f} | {train['device']} |"
         )
-    return "\n".join(lines) + f"\n\nMFU against {peak_tflops:g} TFLOP/s dense bf16."
+    notes = f"MFU against {peak_tflops:g} TFLOP/s dense bf16 per GPU; peak GiB: the first process's."
+    return "\n".join(lines) + "\n\n" + notes
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", type=click.Path(path_type=Path), default="build/bench", show_default=True)
-@click.option("--variant", "variants", multiple=True, type=click.Choice(list(VARIANTS)), help="Default: all.")
-@click.option("--steps", default=30, show_default=True, help="Optimizer steps per variant.")
+@click.option("--suite", type=click.Choice(list(SUITES)), default="attention", show_default=True)
+@click.option("--variant", "variants", multiple=True, type=click.Choice(list(VARIANTS)), help="Default: the suite's.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps per variant [default: 10 for 0.5b, 5 for 7b].")
 @click.option("--timeout", default=600, show_default=True, help="Seconds one variant may take.")
 @click.option("--peak-tflops", default=H100_BF16_DENSE_TFLOPS, show_default=True, help="The GPU's dense bf16 peak.")
-@click.option("--smoke", is_flag=True, help="A tiny model on a CPU: checks this script, measures nothing useful.")
-def main(out: Path, variants: tuple[str, ...], steps: int, timeout: int, peak_tflops: float, smoke: bool) -> None:
-    """Train each variant for --steps optimizer steps and print tokens/s, step time, peak memory and MFU."""
-    variants = variants or (("hf-bf16",) if smoke else tuple(VARIANTS))
+@click.option("--smoke", is_flag=True, help="Tiny bases on a CPU: checks this script, measures nothing useful.")
+def main(
+    out: Path, suite: str, variants: tuple[str, ...], steps: int | None, timeout: int, peak_tflops: float, smoke: bool
+) -> None:  # fmt: skip
+    """Train each variant for a few optimizer steps and print tokens/s, step time, peak memory and MFU."""
+    chosen = [VARIANTS[name] for name in variants] if variants else SUITES[suite]
     yaml = YAML(typ="safe")
     card = yaml.load(REPO / "recipes/card.yaml")
     length = SMOKE["model"]["max_length"] if smoke else card["model"]["max_length"]
     rows_per_step = card["train"]["batch_size"] * card["train"]["grad_accum"]
-
-    base, packed, shape = out / "base", out / "packed", {} if smoke else QWEN2_5_0_5B
-    if not base_has_shape(base, shape):  # built once, then reused by later invocations with the same --out
-        shutil.rmtree(base, ignore_errors=True)
-        build_tiny_model(corpus_from_jsonl(sorted((REPO / "data/sources/demo").glob("*.jsonl"))), base, **shape)
-    config = json.loads((base / "config.json").read_text())
-    click.echo(f"base: {', '.join(f'{key} {config[key]}' for key in QWEN2_5_0_5B)}")
-    rng = np.random.default_rng(0)
-    packed.mkdir(parents=True, exist_ok=True)
-    for split, rows in (("train", steps * rows_per_step), ("validation", rows_per_step)):
-        pq.write_table(packed_rows(rows, length, rng, config["vocab_size"]), packed / f"{split}.parquet")
-    attended = attended_tokens_per_token(packed / "train.parquet")
-
-    schedule = {"train": {"max_steps": steps, "eval_steps": steps, "logging_steps": 1}}
+    out.mkdir(parents=True, exist_ok=True)
     ceiling = matmul_tflops()
     if ceiling:
         click.echo(f"bf16 8192x8192x8192 matrix product: {ceiling:.0f} TFLOP/s")
-    results = []
-    for name in variants:
-        click.echo(f"{name}: training {steps} steps of {rows_per_step} rows x {length} tokens")
-        result = run_variant(name, [VARIANTS[name], SMOKE if smoke else {}, schedule], out, base, packed, timeout)
-        if "train" in result:
-            flops = model_flops_per_token(config, result["train"]["trainable_parameters"], attended)
-            on_gpu = not result["train"]["device"].startswith("cpu")
-            result |= {
-                "base": {key: config[key] for key in QWEN2_5_0_5B},
-                "flops_per_token": flops,
-                "mfu": result["train"]["steady_tokens_per_s"] * flops / (peak_tflops * 1e12) if on_gpu else None,
-                "matmul_tflops": ceiling,
-            }
+
+    results: list[dict] = []
+    prepared: dict[str, tuple[Path, Path, dict, float]] = {}  # shape -> base, packed rows, config, attended
+    for chosen_variant in chosen:
+        name, shape_name = chosen_variant.name, chosen_variant.shape
+        reason = why_not_here(chosen_variant)
+        if reason is not None:
+            click.echo(f"{name}: skipped, {reason}")
+            result = {"variant": name, "shape": shape_name, "skipped": reason}
+        else:
+            shape_steps = steps or STEPS[shape_name]
+            if shape_name not in prepared:
+                base, packed = out / f"base-{shape_name}", out / f"packed-{shape_name}"
+                build_base(base, {} if smoke else SHAPES[shape_name])  # smoke: the tiny demo model for every shape
+                config = json.loads((base / "config.json").read_text())
+                rng = np.random.default_rng(0)
+                packed.mkdir(parents=True, exist_ok=True)
+                for split, rows in (("train", shape_steps * rows_per_step), ("validation", rows_per_step)):
+                    pq.write_table(packed_rows(rows, length, rng, config["vocab_size"]), packed / f"{split}.parquet")
+                prepared[shape_name] = (base, packed, config, attended_tokens_per_token(packed / "train.parquet"))
+            base, packed, config, attended = prepared[shape_name]
+            schedule = {"train": {"max_steps": shape_steps, "eval_steps": shape_steps, "logging_steps": 1}}
+            click.echo(f"{name}: training {shape_steps} steps of {rows_per_step} rows x {length} tokens")
+            changes = [chosen_variant.changes, SMOKE if smoke else {}, schedule]
+            result = run_variant(name, changes, out, base, packed, timeout) | {"shape": shape_name}
+            if "train" in result:
+                flops = model_flops_per_token(config, result["train"]["trainable_parameters"], attended)
+                on_gpu = not result["train"]["device"].startswith("cpu")
+                gpus_peak = peak_tflops * 1e12 * result["train"]["processes"]
+                result |= {
+                    "base": {key: config[key] for key in FLOPS_KEYS},
+                    "flops_per_token": flops,
+                    "mfu": result["train"]["steady_tokens_per_s"] * flops / gpus_peak if on_gpu else None,
+                    "matmul_tflops": ceiling,
+                }
+            click.echo(result.get("error", "")[-1500:])
         results.append(result)
         with (out / "results.jsonl").open("a") as log:
             log.write(json.dumps(result) + "\n")
-        click.echo(result.get("error", "")[-1500:])
     click.echo(table(results, peak_tflops))
     if any("error" in result for result in results):
         sys.exit(1)

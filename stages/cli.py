@@ -72,6 +72,9 @@ def pack(mixed: Path, out: Path, metrics: Path) -> None:
 def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: Path, metrics: Path) -> None:
     """Train the LoRA adapter with the backend train.backend names (auto: unsloth on a CUDA GPU if installed)."""
     params = load_params()
+    from stages import distributed
+
+    distributed.launch(params.train.gpus)  # train.gpus > 1: restarts this command under torchrun
     from stages.modeling import resolve_backend
 
     backend = resolve_backend(params.train.backend)  # first: it imports unsloth, which must precede transformers

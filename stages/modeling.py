@@ -18,6 +18,7 @@ from typing import Any
 import click
 import torch
 
+from stages import attention, distributed
 from stages.artifacts import base_model_reference
 from stages.config import Params
 
@@ -105,8 +106,11 @@ def unsloth_peft_arguments(params: Params, revision: str | None) -> dict[str, An
     }
 
 
-def load_base_model(params: Params, manifest_path: Path):
-    """The base model and its tokenizer with transformers: (model, tokenizer, location, revision)."""
+def load_base_model(params: Params, manifest_path: Path, attn_implementation: str | None = None):
+    """The base model and its tokenizer with transformers: (model, tokenizer, location, revision).
+
+    `attn_implementation` None is transformers' default (sdpa), what generation in evaluate uses.
+    """
     from transformers import AutoModelForCausalLM
 
     from stages.tokens import load_tokenizer
@@ -114,14 +118,9 @@ def load_base_model(params: Params, manifest_path: Path):
     location, revision = base_model_reference(manifest_path)
     if params.model.load_in_4bit and not torch.cuda.is_available():
         raise click.ClickException("model.load_in_4bit needs a CUDA GPU and bitsandbytes; set it false to train on CPU")
-    kwargs: dict[str, Any] = {"revision": revision}
+    kwargs: dict[str, Any] = {"revision": revision, "attn_implementation": attn_implementation}
     if params.model.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
-        kwargs["device_map"] = {"": 0}  # a 4-bit model is placed on the GPU when loaded and cannot be moved after
+        kwargs.update(quantized_placement())
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[params.train.precision], **kwargs)
     except (OSError, ValueError) as error:  # no config.json or weights, or an unknown architecture: not a model
@@ -130,10 +129,41 @@ def load_base_model(params: Params, manifest_path: Path):
     return model, tokenizer, location, revision
 
 
+def quantized_placement() -> dict[str, Any]:
+    """from_pretrained's arguments for the NF4 base: where it lives, and how its weights are stored."""
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16
+    if distributed.fsdp_requested():
+        # FSDP shards the 4-bit weights like any other parameter: they must be stored in the dtype of the rest of
+        # the model, and the model must not be placed on a device when loaded (FSDP places the shards).
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                                    bnb_4bit_quant_storage=compute)  # fmt: skip
+        return {"quantization_config": config}
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    # A 4-bit model is placed on its GPU when loaded and cannot be moved after: each data-parallel process on its own.
+    return {"quantization_config": config, "device_map": {"": distributed.local_rank()}}
+
+
+def attention_for(params: Params, backend: str) -> str | None:
+    """The attn_implementation the training model loads with (stages/attention.py); None leaves it to unsloth."""
+    if backend == "unsloth":
+        if params.model.attn_implementation != "auto":
+            raise click.ClickException(
+                f"model.attn_implementation: {params.model.attn_implementation} applies to the hf backend; unsloth "
+                "picks its own attention kernels: set it to auto, or train.backend: hf"
+            )
+        return None
+    implementation = attention.resolve(params.model.attn_implementation, DTYPES[params.train.precision])
+    if implementation == attention.VARLEN:
+        attention.register_varlen()
+    return implementation
+
+
 def hf_model_with_adapter(params: Params, manifest_path: Path):
     from peft import get_peft_model
 
-    model, tokenizer, _, revision = load_base_model(params, manifest_path)
+    model, tokenizer, _, revision = load_base_model(params, manifest_path, attention_for(params, "hf"))
     return get_peft_model(model, hf_lora_config(params, revision)), tokenizer
 
 
@@ -142,6 +172,10 @@ def unsloth_model_with_adapter(params: Params, manifest_path: Path):
 
     from stages.tokens import map_end_of_turn
 
+    attention_for(params, "unsloth")
+    if distributed.world_size() > 1:
+        raise click.ClickException("data-parallel training (train.gpus > 1) is set up for the hf backend only; "
+                                   "set train.backend: hf, or train.gpus: 1 for unsloth")  # fmt: skip
     location, revision = base_model_reference(manifest_path)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=location,

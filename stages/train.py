@@ -31,6 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
+from stages import distributed
 from stages.artifacts import atomic_output, base_model_reference, sha256_file, write_json
 from stages.chatml import CHAT_TEMPLATE
 from stages.config import Params
@@ -181,15 +182,18 @@ def checkpointing_argument(enabled: bool) -> dict[str, bool]:
 def sft_config(params: Params, backend: str, checkpoint_dir: Path) -> SFTConfig:
     train = params.train
     cuda = torch.cuda.is_available()
+    processes = distributed.world_size()
+    batch_size, grad_accum = distributed.per_device_schedule(train.batch_size, train.grad_accum, processes)
     # unsloth's get_peft_model has set up its own checkpointing; the trainer's would replace it.
     trainer_checkpointing = train.gradient_checkpointing and backend == "hf"
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no search for unused ones per step
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio of the planned steps
@@ -266,9 +270,12 @@ def build_trainer(params: Params, backend: str, model, tokenizer, packed_dir: Pa
     return trainer
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path) -> None:
-    """The adapter, its tokenizer (<|im_end|> its EOS, as in the data) and the generation settings that stop on it."""
-    model.save_pretrained(str(adapter_dir))
+def save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter, its tokenizer (<|im_end|> its EOS, as in the data) and the generation settings that stop on it.
+
+    `state_dict`: the whole adapter gathered from FSDP's shards; None when `model` holds it whole.
+    """
+    model.save_pretrained(str(adapter_dir), state_dict=state_dict)
     (adapter_dir / "README.md").unlink(missing_ok=True)  # peft writes a stub card; the card stage owns README.md
     # peft keeps target_modules as a set and writes it in hash order: sort it, so the file (and dvc.lock) never
     # depends on PYTHONHASHSEED.
@@ -294,25 +301,28 @@ def run(
     started = time.perf_counter()
     check_before_training(params, packed_dir, manifest_path)  # before anything is touched
     fingerprint = run_fingerprint(params, backend, packed_dir, manifest_path)
-    resume_from = resumable_checkpoint(checkpoint_dir, fingerprint)
+    resume_from = distributed.on_main_process(lambda: resumable_checkpoint(checkpoint_dir, fingerprint))
 
     set_seed(params.seed)  # before the adapter exists, so LoRA's initial weights follow the seed too
     model, tokenizer = MODEL_WITH_ADAPTER[backend](params, manifest_path)
     trainable, total = model.get_nb_trainable_parameters()
     click.echo(f"train: {trainable:,} trainable of {total:,} parameters, {backend} backend on {device_name()}")
     step_timer = StepTimer()
-    callbacks = [LiveLog(live_dir), step_timer]
+    callbacks = [LiveLog(live_dir), step_timer] if distributed.is_main_process() else [step_timer]  # dvclive: once
     trainer = build_trainer(params, backend, model, tokenizer, packed_dir, checkpoint_dir, callbacks)
     if resume_from:
         click.echo(f"train: resuming from {resume_from}")
     else:
-        start_afresh(checkpoint_dir, fingerprint)
+        distributed.on_main_process(lambda: start_afresh(checkpoint_dir, fingerprint))
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not math.isfinite(result.training_loss):  # logged losses are checked as they come; this is the mean of all
         raise click.ClickException(f"train: the mean training loss is {result.training_loss}; no adapter is saved")
+    state_dict = distributed.full_state_dict(trainer)  # FSDP: gathered from every process's shard
+    if not trainer.is_world_process_zero():
+        return  # data parallel: the adapter and metrics of the run are written once, by the first process
 
     with atomic_output(adapter_dir) as scratch:
-        save_adapter(trainer.model, tokenizer, scratch)
+        save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, scratch, state_dict)
     summary = train_summary(trainer, result, step_timer, backend, manifest_path, time.perf_counter() - started)
     write_json(metrics_path, summary)
     click.echo(f"train: best eval loss {summary['best_eval_loss']} at epoch {summary['best_eval_epoch']}; "
@@ -346,6 +356,10 @@ def train_summary(trainer: SFTTrainer, result, step_timer: StepTimer, backend: s
         "peak_memory_measure": memory_measure,
         "trainable_parameters": trainable,
         "backend": backend,
+        "attn_implementation": trainer.model.get_base_model().config._attn_implementation,
+        **distributed.describe(),
+        "per_device_batch_size": trainer.args.per_device_train_batch_size,
+        "per_device_grad_accum": trainer.args.gradient_accumulation_steps,
         "device": device_name(),
         "base_model": location,
         "base_revision": revision,

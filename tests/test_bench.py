@@ -57,23 +57,47 @@ def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     out = tmp_path / "bench"
     result = run_smoke(out, "--steps", "4")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert row["variant"] == "hf-bf16" and row["mfu"] is None  # no MFU on a CPU
-    assert row["train"]["steps"] == 4
+    rows = {row["variant"]: row for row in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert list(rows) == [variant.name for variant in bench.SUITES["attention"]]
+    trained = rows.pop("0.5b-bf16-sdpa")  # the one variant of the suite a CPU can run
+    assert trained["mfu"] is None  # no MFU on a CPU
+    assert (trained["train"]["steps"], trained["train"]["attn_implementation"], trained["train"]["processes"]) == (
+        4, "sdpa", 1)  # fmt: skip
     # Every step is 8 rows of 256 tokens, padding-free, and the median is over the last three steps.
-    assert row["train"]["steady_tokens_per_s"] == pytest.approx(2048 / row["train"]["step_seconds_median"], rel=1e-3)
-    assert "| hf-bf16 |" in result.stdout
+    assert trained["train"]["steady_tokens_per_s"] == pytest.approx(
+        2048 / trained["train"]["step_seconds_median"], rel=1e-3
+    )
+    assert "| 0.5b-bf16-sdpa | sdpa | 1 |" in result.stdout
+    assert rows["0.5b-bf16-varlen"]["skipped"] == "varlen needs a CUDA GPU"
+    assert rows["7b-4bit-sdpa"]["skipped"] == "4-bit loading needs a CUDA GPU"
+    assert rows["0.5b-bf16-auto-2gpus"]["skipped"] == "DDP over GPUs needs CUDA GPUs"
+    assert "| 7b-4bit-flash_attention_4 | skipped: 4-bit loading needs a CUDA GPU |" in result.stdout
 
 
-def test_the_benchmark_model_has_qwen2_5_0_5b_size():
+@pytest.mark.parametrize(
+    ("shape", "parameters"),
+    [("0.5b", 494_032_768), ("7b", 7_615_616_512)],  # Qwen2.5-0.5B's and DeepSeek-R1-Distill-Qwen-7B's counts
+)
+def test_the_benchmark_bases_have_the_published_sizes(shape, parameters):
+    config = {"tie_word_embeddings": True} | bench.SHAPES[shape]
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(Qwen2Config(**bench.QWEN2_5_0_5B, tie_word_embeddings=True))
-    assert model.num_parameters() == 494_032_768  # Qwen2.5-0.5B's published count
+        model = Qwen2ForCausalLM(Qwen2Config(**config))
+    assert model.num_parameters() == parameters
+
+
+def test_on_a_gpu_a_variant_is_skipped_only_for_a_reason_of_that_machine(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    reasons = {variant.name: bench.why_not_here(variant) for variant in bench.SUITES["attention"]}
+    assert reasons["0.5b-bf16-auto-2gpus"] == "2 GPUs needed, 1 visible"
+    assert reasons["7b-4bit-flash_attention_4"].startswith("flash-attn-4 is not installed")  # not here
+    assert reasons["0.5b-bf16-varlen"] is None and reasons["7b-4bit-sdpa"] is None
 
 
 def test_a_variant_that_fails_is_reported_and_fails_the_script(tmp_path: Path):
     out = tmp_path / "bench"
-    result = run_smoke(out, "--timeout", "1")
+    result = run_smoke(out, "--timeout", "1", "--variant", "0.5b-bf16-sdpa")
     assert result.returncode == 1
-    assert "| hf-bf16 | failed: see hf-bf16/train.log |" in result.stdout
-    assert (out / "hf-bf16/train.log").read_text().endswith("timed out after 1 s")
+    assert "| 0.5b-bf16-sdpa | failed: see 0.5b-bf16-sdpa/train.log |" in result.stdout
+    assert (out / "0.5b-bf16-sdpa/train.log").read_text().endswith("timed out after 1 s")

@@ -1,0 +1,177 @@
+"""Which attention kernel trains on the packed rows (`model.attn_implementation`), and torch's varlen kernel for it.
+
+Packed rows reach the model padding-free: TRL's collator concatenates a micro-batch into one sequence and sends
+`position_ids` that restart at every document plus `cu_seq_lens_q/k` and `max_length_q/k`; transformers hands those
+keyword arguments through every decoder layer to the attention function (transformers 5.24, Qwen2). What each
+implementation does with them:
+
+- `flash_attention_4` (the flash-attn-4 wheel, Hopper and newer; `make flash-attention-4`): transformers calls its
+  varlen kernel with `cu_seq_lens`; no mask is built.
+- `varlen`: torch's own `torch.nn.attention.varlen.varlen_attn` (a flash kernel with `cu_seqlens`, CUDA), which
+  transformers does not wire in. `register_varlen` adds it to transformers' AttentionInterface, with the mask function
+  of flash attention, which builds no mask for packed rows.
+- `flex_attention`: a document BlockMask built from `position_ids`; blocks of other documents are skipped.
+- `sdpa`: transformers turns the packed rows into a dense block-diagonal (batch, 1, tokens, tokens) mask; SDPA's
+  flash path refuses masks, so every score of the micro-batch is computed. Right on any device; the CPU path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import click
+import torch
+
+IMPLEMENTATIONS = ("auto", "flash_attention_4", "varlen", "flex_attention", "sdpa")
+VARLEN = "varlen"  # the name under which `register_varlen` adds torch's kernel to transformers (no "flash", "sdpa"
+# or "flex" in it: transformers treats names containing those as its own implementations)
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # what the flash kernels compute in
+FLASH_ATTENTION_4_REMEDY = "install it on a Hopper or newer GPU with `make flash-attention-4`"
+
+# varlen_attn's signature: (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size, enable_gqa)
+VarlenKernel = Callable[..., torch.Tensor]
+
+
+def flash_attention_4_problem() -> str | None:
+    """Why the flash-attn-4 wheel cannot run here; None when it can."""
+    try:
+        version("flash-attn-4")
+    except PackageNotFoundError:
+        return f"flash-attn-4 is not installed ({FLASH_ATTENTION_4_REMEDY})"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 9:  # transformers' own minimum for it (FLASH_ATTENTION_COMPATIBILITY_MATRIX)
+        return f"flash-attn-4 needs a Hopper or newer GPU (compute capability 9.0+), this one has {major}.{minor}"
+    try:
+        import flash_attn.cute  # noqa: F401  (what transformers imports for it)
+    except Exception as error:  # noqa: BLE001  (a JIT wheel can fail to import for many reasons: report which)
+        return f"flash-attn-4 fails to import ({type(error).__name__}: {error})"
+    return None
+
+
+def varlen_problem() -> str | None:
+    """Why torch's varlen kernel cannot run here; None when it can."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"torch's flash kernel needs compute capability 8.0+ (Ampere), this GPU has {major}.{minor}"
+    return None
+
+
+def flex_problem() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "flex_attention compiles its kernels with triton, which is not installed"
+    return None
+
+
+MASK_FREE = {"flash_attention_4": flash_attention_4_problem, "varlen": varlen_problem, "flex_attention": flex_problem}
+"""The implementations that skip other documents without a dense mask, fastest first, and what rules each out."""
+
+
+def gpu_problem(implementation: str, dtype: torch.dtype) -> str | None:
+    """Why `implementation` (one of MASK_FREE) cannot train weights of `dtype` on this CUDA GPU; None if it can."""
+    problem = MASK_FREE[implementation]()
+    if problem is None and implementation != "flex_attention" and dtype not in HALF_DTYPES:
+        problem = f"its kernel computes in bf16 or fp16, and train.precision gives {dtype}"
+    return problem
+
+
+def resolve(requested: str, dtype: torch.dtype) -> str:
+    """The attention implementation that trains for `model.attn_implementation` = `requested` and weights of `dtype`.
+
+    `auto` on a CUDA GPU takes the first of flash_attention_4, varlen and flex_attention that can run, each of which
+    keeps the packed documents apart without a dense mask; on a CPU it is sdpa. An explicit choice that cannot run
+    here stops the stage with the reason.
+    """
+    if requested == "sdpa":
+        return "sdpa"
+    if not torch.cuda.is_available():
+        if requested == "auto":
+            click.echo("train: model.attn_implementation auto uses sdpa: no CUDA GPU (a dense mask keeps the packed "
+                       "documents apart, as on CPU it must)")  # fmt: skip
+            return "sdpa"
+        raise click.ClickException(
+            f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible "
+            "(torch 2.13 refuses flex_attention's backward pass on CPU); set it to auto or sdpa in params.yaml"
+        )
+    if requested != "auto":
+        problem = gpu_problem(requested, dtype)
+        if problem is not None:
+            raise click.ClickException(f"model.attn_implementation: {requested}, but {problem}; or set it to auto")
+        return requested
+    reasons = []
+    for name in MASK_FREE:
+        problem = gpu_problem(name, dtype)
+        if problem is None:
+            because = f" ({'; '.join(reasons)})" if reasons else ""
+            click.echo(f"train: model.attn_implementation auto uses {name}{because}")
+            return name
+        reasons.append(f"not {name}: {problem}")
+    click.echo(f"train: model.attn_implementation auto uses sdpa, a dense mask per micro-batch ({'; '.join(reasons)})")
+    return "sdpa"
+
+
+def varlen_attention(kernel: VarlenKernel) -> Callable[..., tuple[torch.Tensor, None]]:
+    """An attention function in transformers' AttentionInterface signature that runs `kernel` on packed documents.
+
+    `kernel` has the signature of torch's `varlen_attn`. The documents' boundaries are the `cu_seq_lens_q/k` that
+    TRL's padding-free collator sends; without them (plain batches), every row is one document.
+    """
+
+    def attention(
+        module: torch.nn.Module,
+        query: torch.Tensor,  # (batch, heads, tokens, head_dim), as every transformers attention function gets it
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if attention_mask is not None:
+            # flash_attention_mask hands over a 2-D mask only when a row holds padding: the varlen kernel has no use
+            # for it, and packed rows never carry one.
+            raise ValueError("varlen attention takes unpadded or padding-free batches; this one has padding")
+        if sliding_window is not None or dropout:
+            raise ValueError("varlen attention supports neither sliding windows nor attention dropout")
+        batch, _, tokens, head_dim = query.shape
+        if cu_seq_lens_q is None:
+            cu_seq_lens_q = cu_seq_lens_k = torch.arange(0, (batch + 1) * tokens, tokens, device=query.device,
+                                                         dtype=torch.int32)  # fmt: skip
+            max_length_q = max_length_k = tokens
+        # The kernel wants (tokens, heads, head_dim) in bf16 or fp16; peft can hand float32 activations over.
+        dtype = query.dtype if query.dtype in HALF_DTYPES else module.config.dtype
+        query, key, value = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], head_dim).to(dtype)
+                             for t in (query, key, value))  # fmt: skip
+        output = kernel(
+            query, key, value, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
+            int(max_length_q), int(max_length_k),
+            scale=scaling,
+            window_size=(-1, 0),  # causal; varlen_attn compares with this tuple (a list would not be causal)
+            enable_gqa=query.shape[1] != key.shape[1],
+        )  # fmt: skip
+        return output.view(batch, tokens, -1, head_dim), None  # (batch, tokens, heads, head_dim), as sdpa's
+
+    return attention
+
+
+def register_varlen(kernel: VarlenKernel | None = None) -> None:
+    """Make `attn_implementation="varlen"` run `kernel` (torch's varlen_attn by default) with no mask built."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    if kernel is None:
+        from torch.nn.attention.varlen import varlen_attn as kernel
+    AttentionInterface.register(VARLEN, varlen_attention(kernel))
+    # Registered mask functions are called with the packed rows; flash attention's returns None for them (and a
+    # 2-D padding mask, which the attention function refuses, for padded rows). Without a registered mask function
+    # transformers would pass no mask at all, silently ignoring padding.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, flash_attention_mask)

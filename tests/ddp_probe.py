@@ -1,0 +1,23 @@
+"""Run by tests/test_distributed.py under torchrun: the train stage, after which every process saves the LoRA weights
+it holds to rank-weights/<rank>.safetensors, so the test can compare the processes' copies of the model."""
+
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from stages import train
+from stages.cli import main
+
+
+class TrainerThatShowsItsWeights(train.SFTTrainer):
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        weights = {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
+        Path("rank-weights").mkdir(exist_ok=True)
+        save_file(weights, f"rank-weights/{os.environ['RANK']}.safetensors")
+        return result
+
+
+train.SFTTrainer = TrainerThatShowsItsWeights
+main(["train"])

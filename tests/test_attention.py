@@ -1,0 +1,222 @@
+"""Attention for packed rows (stages/attention.py) on CPU.
+
+torch's varlen kernel runs on CUDA only, so the registered wrapper is driven here by a reference kernel of the same
+signature (SDPA, one document at a time): the wrapper's part (the shapes, the boundaries from TRL's collator, GQA,
+causality, the mask that is never built) is what these tests check; the kernel's numerics are torch's.
+"""
+
+from __future__ import annotations
+
+import click
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, Qwen2Config
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from stages import attention
+
+DOCUMENT_LENGTHS = [[5, 9, 3], [7, 2, 6, 4]]  # two packed rows, as pack writes seq_lengths
+
+
+def per_document_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                           enable_gqa=False):  # fmt: skip
+    """torch.nn.attention.varlen.varlen_attn's contract, on CPU: SDPA over each document alone."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+    assert max_q == max_k == int(cu_seq_q.diff().max())
+    outputs = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # (1, heads, len, dim)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=window_size == (-1, 0), scale=scale,
+                                             enable_gqa=enable_gqa)  # fmt: skip
+        outputs.append(out.squeeze(0).transpose(0, 1))
+    return torch.cat(outputs)
+
+
+@pytest.fixture
+def varlen_on_cpu():
+    """`attn_implementation="varlen"` registered as the stage registers it, with the reference kernel."""
+    attention.register_varlen(per_document_attention)
+    yield attention.VARLEN
+    attention.register_varlen()  # torch's kernel again, as the stage leaves it
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A two-layer Qwen2 with grouped-query attention (4 query heads, 2 key-value heads), random weights."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def packed_batch() -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A padding-free micro-batch made by TRL's own collator, and its documents one by one (ids, labels)."""
+    generator = torch.Generator().manual_seed(1)
+    rows, documents = [], []
+    for lengths in DOCUMENT_LENGTHS:
+        ids = torch.randint(0, 97, (sum(lengths),), generator=generator)
+        labels = ids.clone()
+        start = 0
+        for length in lengths:
+            labels[start : start + length // 3] = -100  # each document's prompt is not trained on
+            documents.append((ids[start : start + length], labels[start : start + length]))
+            start += length
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "seq_lengths": lengths})
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    return batch, documents
+
+
+def loss_and_gradients(model, implementation: str, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.set_attn_implementation(implementation)
+    model.zero_grad()
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def separate_documents_loss_and_gradients(model, documents) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The packed micro-batch's loss (a mean over its labelled tokens) computed one document at a time."""
+    model.set_attn_implementation("sdpa")
+    model.zero_grad()
+    counts = [int((labels[1:] != -100).sum()) for _, labels in documents]  # the shifted labels each one trains on
+    total = sum(model(input_ids=ids[None], labels=labels[None], use_cache=False).loss * count
+                for (ids, labels), count in zip(documents, counts)) / sum(counts)  # fmt: skip
+    total.backward()
+    return total.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_the_collator_hands_document_boundaries_to_the_model():
+    batch, _ = packed_batch()
+    assert batch["input_ids"].shape == (1, 36)  # both rows in one sequence
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 14, 17, 24, 26, 32, 36]
+    assert batch["max_length_q"] == 9 and "attention_mask" not in batch
+
+
+def test_varlen_gives_each_documents_own_loss_and_gradients(tiny_model, varlen_on_cpu):
+    batch, documents = packed_batch()
+    loss, gradients = loss_and_gradients(tiny_model, varlen_on_cpu, batch)
+    expected_loss, expected_gradients = separate_documents_loss_and_gradients(tiny_model, documents)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_varlen_without_boundaries_treats_each_row_as_one_document(tiny_model, varlen_on_cpu):
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tiny_model.set_attn_implementation(varlen_on_cpu)
+        varlen_logits = tiny_model(input_ids=ids, use_cache=False).logits
+        tiny_model.set_attn_implementation("sdpa")
+        sdpa_logits = tiny_model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(varlen_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_refuses_padded_rows_instead_of_ignoring_the_padding(tiny_model, varlen_on_cpu):
+    tiny_model.set_attn_implementation(varlen_on_cpu)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    padded = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="has padding"):
+        tiny_model(input_ids=ids, attention_mask=padded, use_cache=False)
+
+
+def masks_built(monkeypatch, model, implementation: str, batch: dict) -> list:
+    """Every mask transformers' masking code builds for one forward pass with `implementation`."""
+    built = []
+    create_mask = ALL_MASK_ATTENTION_FUNCTIONS[implementation]
+
+    def spy(*args, **kwargs):
+        built.append(mask := create_mask(*args, **kwargs))
+        return mask
+
+    monkeypatch.setitem(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, implementation, spy)
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+    return built
+
+
+def test_varlen_builds_no_mask_where_sdpa_builds_a_dense_one(tiny_model, varlen_on_cpu, monkeypatch):
+    batch, _ = packed_batch()
+    assert masks_built(monkeypatch, tiny_model, varlen_on_cpu, batch) == [None]
+    (dense,) = masks_built(monkeypatch, tiny_model, "sdpa", batch)
+    assert dense.shape == (1, 1, 36, 36)  # every score of the micro-batch, most of them masked
+    assert int(dense.sum()) == sum(n * (n + 1) // 2 for lengths in DOCUMENT_LENGTHS for n in lengths)
+
+
+@pytest.mark.e2e  # flex_attention compiles its kernel on first use (about 30 s on this CPU)
+def test_flex_attention_forward_equals_each_document_alone(tiny_model, monkeypatch):
+    batch, documents = packed_batch()
+    (block_mask,) = masks_built(monkeypatch, tiny_model, "flex_attention", batch)
+    assert type(block_mask).__name__ == "BlockMask"  # blocks, not a dense tensor of scores
+    with torch.no_grad():
+        packed = tiny_model(**batch, use_cache=False).logits[0]
+        tiny_model.set_attn_implementation("sdpa")
+        alone = torch.cat([tiny_model(input_ids=ids[None], use_cache=False).logits[0] for ids, _ in documents])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend a CUDA GPU of the given compute capability is visible (resolution only: nothing runs on it)."""
+
+    def set_capability(major: int, minor: int = 0) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+
+    return set_capability
+
+
+def test_auto_is_sdpa_on_cpu_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention.resolve("auto", torch.float32) == "sdpa"
+    assert "auto uses sdpa: no CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("requested", ["flash_attention_4", "varlen", "flex_attention"])
+def test_a_gpu_kernel_asked_for_on_cpu_says_what_to_set(monkeypatch, requested):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(click.ClickException, match=f"attn_implementation: {requested} needs a CUDA GPU.*auto or sdpa"):
+        attention.resolve(requested, torch.bfloat16)
+
+
+def test_auto_on_a_gpu_takes_a_kernel_that_builds_no_mask(gpu, capsys):
+    gpu(9)  # a Hopper without the flash-attn-4 wheel (not installed here)
+    assert attention.resolve("auto", torch.bfloat16) == "varlen"
+    assert "auto uses varlen (not flash_attention_4: flash-attn-4 is not installed" in capsys.readouterr().out
+
+
+def test_auto_on_a_gpu_without_a_mask_free_kernel_falls_back_to_sdpa_and_says_why(gpu, capsys):
+    gpu(7, 5)  # a Turing: no flash kernel in torch, and no triton installed here for flex_attention
+    assert attention.resolve("auto", torch.float16) == "sdpa"
+    out = capsys.readouterr().out
+    assert "auto uses sdpa, a dense mask per micro-batch" in out and "compute capability 8.0+" in out
+
+
+def test_flash_kernels_need_half_precision(gpu):
+    gpu(9)
+    with pytest.raises(click.ClickException, match="varlen, but its kernel computes in bf16 or fp16"):
+        attention.resolve("varlen", torch.float32)
+
+
+def test_flash_attention_4_asked_for_but_missing_says_how_to_install(gpu):
+    gpu(9)
+    with pytest.raises(click.ClickException, match="flash-attn-4 is not installed.*make flash-attention-4"):
+        attention.resolve("flash_attention_4", torch.bfloat16)
+
+
+def test_the_training_model_loads_with_the_resolved_implementation(demo_params, tiny_manifest_for_attention):
+    from stages import modeling
+
+    model, _ = modeling.hf_model_with_adapter(demo_params, tiny_manifest_for_attention)
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # auto, on this CPU
+
+
+@pytest.fixture
+def tiny_manifest_for_attention(tmp_path, tiny_model_dir):
+    import json
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"base_model": {"location": str(tiny_model_dir), "resolved_revision": None}}))
+    return manifest
