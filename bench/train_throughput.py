@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages.pack import PACKED_SCHEMA  # noqa: E402
+from stages.pipeline import stage_argv  # noqa: E402
+
+FRICTION = [sys.executable, "-c", "from stages.cli import main; main()"]  # this interpreter's, whatever PATH says
 from stages.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E402
 
 # Qwen2.5-0.5B's published config; the tokenizer stays tiny, its ids all fall in the first rows of the embedding.
@@ -150,7 +153,7 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
     started = time.perf_counter()
     try:
         process = subprocess.run(
-            [sys.executable, "-c", "from stages.cli import main; main()", "train"],
+            [*FRICTION, *stage_argv("train", REPO / "dvc.yaml")[1:]],
             cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
         log, failed = process.stdout + process.stderr, process.returncode != 0

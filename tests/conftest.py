@@ -14,6 +14,7 @@ import pytest
 
 from stages.chatml import IGNORE_INDEX, IM_END, IM_START
 from stages.config import Params, load_params
+from stages.pipeline import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PROMPT = "You are a human-like AI assistant."
@@ -112,7 +113,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[..., Path]:
     """Make a fresh workspace (the demo recipe, its bundled sources, the tiny model as demo-base) and run pipeline
-    stages there, each as its own `friction` process as dvc repro runs them, with the given PYTHONHASHSEED."""
+    stages there, each as its own `friction` process with dvc.yaml's command line, with the given PYTHONHASHSEED."""
 
     def make(name: str, stages: tuple[str, ...] = ("fetch", "mix", "pack"), hash_seed: str = "0") -> Path:
         workspace = tmp_path_factory.mktemp(name)
@@ -123,7 +124,7 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
                "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
         for stage in stages:
             result = subprocess.run(
-                ["friction", stage], cwd=workspace, env=env, capture_output=True, text=True, check=False
+                stage_argv(stage, REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True, text=True, check=False
             )
             assert result.returncode == 0, f"friction {stage} failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
         return workspace

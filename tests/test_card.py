@@ -101,7 +101,12 @@ def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float |
     train = {**TRAIN_METRICS, "best_eval_loss": best_eval_loss}
 
     paths = {"params": root / "params.yaml", "manifest": root / "data/raw/manifest.json", "metrics": root / "metrics",
-             "live": root / "dvclive", "card": root / "models/adapter/README.md"}  # fmt: skip
+             "live": root / "dvclive", "adapter": root / "models/adapter",
+             "card": root / "models/friction-adapter/README.md"}  # fmt: skip
+    # What the card stage copies: train's output, here its config and a peft README the card must replace.
+    paths["adapter"].mkdir(parents=True)
+    (paths["adapter"] / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 24}))
+    (paths["adapter"] / "README.md").write_text("peft's stub\n")
     for path, data in ((paths["manifest"], manifest), (paths["metrics"] / "mix.json", mix),
                        (paths["metrics"] / "pack.json", pack), (paths["metrics"] / "train.json", train),
                        (paths["metrics"] / "evaluate.json", evaluation)):  # fmt: skip
@@ -117,7 +122,7 @@ def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float |
 
 def build_card(paths: dict[str, Path]) -> ModelCard:
     params = load_params(paths["params"])
-    card.run(params, paths["metrics"], paths["manifest"], Path("models/adapter"), paths["live"], paths["card"])
+    card.run(params, paths["metrics"], paths["manifest"], paths["adapter"], paths["live"], paths["card"].parent)
     return ModelCard.load(paths["card"])
 
 
