@@ -23,14 +23,14 @@ class TurnStreamer(TextStreamer):
 
     def __init__(self, tokenizer, echo: bool = True) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.echo, self.held, self.reply = echo, "", ""
+        self.echo, self.held, self.reply, self.ended = echo, "", "", False
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        text = self.held + text
+        text = "" if self.ended else self.held + text  # what follows the end of the turn is not the reply
         self.held = ""
         marker = text.find(IM_END)
         if marker != -1:
-            text = text[:marker]
+            text, self.ended = text[:marker], True
         elif not stream_end:
             overlap = next((n for n in range(min(len(IM_END), len(text)), 0, -1) if IM_END.startswith(text[-n:])), 0)
             text, self.held = text[: len(text) - overlap], text[len(text) - overlap :]
