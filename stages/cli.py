@@ -1,4 +1,5 @@
-"""`friction`: one subcommand per DVC stage (what dvc.yaml runs), plus the demo's base model, the scorer and `pin`.
+"""`friction`: one subcommand per DVC stage (what dvc.yaml runs), plus the demo's base model, the scorer, `pin`,
+the DVC remote and releases (`remote`, `pull`, `release`) and the published adapter in hand (`chat`, `merge`, `push`).
 
 Each stage validates params.yaml before any heavy import or work. Stages take every path as a required option:
 dvc.yaml's `cmd:` lines are the one place that names them (`stages.pipeline.stage_argv` reads them for tests).

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -180,13 +179,3 @@ def test_two_queued_experiments_finish(demo_copy: Path, env):
         assert metrics["friction"]["prompts"] == 24, name
     compare = run("make", "compare", cwd=demo_copy, env={**env, "COLUMNS": "400"}).stdout
     assert "evaluate.max_new_tokens" in compare and "best_eval_loss" in compare and "sources." not in compare
-
-
-def test_dvc_yaml_is_where_stage_paths_live():
-    from stages.pipeline import artifact_path, stage_argv
-
-    assert artifact_path() == Path(ARTIFACT)
-    assert stage_argv("card", REPO / "dvc.yaml")[-2:] == ["--out", ARTIFACT]
-    env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
-    missing = subprocess.run(["friction", "mix"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    assert missing.returncode == 2 and "Missing option '--raw'" in missing.stderr
