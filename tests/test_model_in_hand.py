@@ -87,6 +87,11 @@ def test_chat_replies_to_one_prompt_as_greedy_generation_does(made_demo):
     assert result.stdout.strip() == expected.split(IM_END)[0].strip()
     assert result.stdout.strip()
 
+    at_head = friction("chat", "--rev", "HEAD", "--temperature", "0", "--max-new-tokens", "12", PROMPT, cwd=workspace,
+                       env=env)  # fmt: skip
+    assert at_head.returncode == 0, at_head.stderr[-3000:]
+    assert at_head.stdout == result.stdout and "models/friction-adapter at HEAD" in at_head.stderr
+
 
 @pytest.mark.e2e
 def test_chat_without_a_prompt_is_a_conversation(made_demo):
