@@ -201,7 +201,7 @@ def release(version: str) -> None:
 def adapter_options(command):
     """--adapter DIR or --rev REV: which published adapter folder (default: the workspace's, dvc.yaml's artifact)."""
     command = click.option(
-        "--rev", help="A version (v1.0.0), commit, branch, tag or experiment: its artifact, from the DVC cache or remote."
+        "--rev", help="A version (v1.0.0), commit, branch, tag or experiment: its artifact, from DVC's cache or remote."
     )(command)
     return click.option(
         "--adapter", type=click.Path(file_okay=False, path_type=Path),

@@ -35,7 +35,8 @@ def refusal(version: str) -> str | None:
         return f"the workspace has uncommitted changes; commit them (or stash them) first:\n{dirty.rstrip()}"
     stale = json.loads(output_of("dvc", "status", "--json") or "{}")
     if stale:
-        return f"the pipeline is not up to date with this commit (dvc status: {', '.join(stale)}); run dvc repro and commit"
+        stages = ", ".join(stale)
+        return f"the pipeline is not up to date with this commit (dvc status: {stages}); run dvc repro and commit"
     configured = remote.current()
     if configured is None:
         return f"there is no DVC remote to pull the artifact from: {remote.describe(None)}"
@@ -55,4 +56,5 @@ def run(version: str) -> None:
     output_of("gto", "register", ARTIFACT, "HEAD", "--version", version, "--message", message)
     tag = f"{ARTIFACT}@{version}"
     click.echo(f"registered {tag} (an annotated git tag on {output_of('git', 'rev-parse', '--short', 'HEAD').strip()})")
-    click.echo(f"publish it: git push origin {tag}    then anyone: dvc artifacts get <git URL> {ARTIFACT} --rev {version}")
+    click.echo(f"publish it: git push origin {tag}")
+    click.echo(f"then anyone gets it: dvc artifacts get <git URL> {ARTIFACT} --rev {version}")

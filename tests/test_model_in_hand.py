@@ -80,7 +80,8 @@ def test_chat_replies_to_one_prompt_as_greedy_generation_does(made_demo):
 
     model = base_and_adapter(workspace)
     tokenizer = AutoTokenizer.from_pretrained(workspace / ARTIFACT)
-    messages = [{"role": "system", "content": "You are a human-like AI assistant."}, {"role": "user", "content": PROMPT}]
+    system = {"role": "system", "content": "You are a human-like AI assistant."}  # recipes/demo.yaml's system prompt
+    messages = [system, {"role": "user", "content": PROMPT}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     expected = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -128,7 +129,8 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(made_demo, tmp_path:
 def test_push_dry_run_lists_the_folder_and_sends_nothing(made_demo):
     workspace, _, env = made_demo
     secret = "hf_not_a_real_token_0123456789"
-    result = friction("push", "--repo-id", "me/friction-demo", "--dry-run", cwd=workspace, env={**env, "HF_TOKEN": secret})
+    env = {**env, "HF_TOKEN": secret}
+    result = friction("push", "--repo-id", "me/friction-demo", "--dry-run", cwd=workspace, env=env)
     assert result.returncode == 0, result.stderr
     assert "target: https://huggingface.co/me/friction-demo" in result.stdout
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md", "loss_curves.png"):
@@ -136,6 +138,6 @@ def test_push_dry_run_lists_the_folder_and_sends_nothing(made_demo):
     assert "nothing sent" in result.stdout and secret not in result.stdout + result.stderr
     assert "base model data/sources/demo-base is a local folder" in result.stderr
 
-    refused = friction("push", "--repo-id", "me/friction-demo", cwd=workspace, env={**env, "HF_TOKEN": secret})
+    refused = friction("push", "--repo-id", "me/friction-demo", cwd=workspace, env=env)
     assert refused.returncode == 1 and "not pushing models/friction-adapter" in refused.stderr
     assert secret not in refused.stdout + refused.stderr

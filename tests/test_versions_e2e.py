@@ -85,7 +85,8 @@ def test_a_second_clone_gets_every_version_and_an_experiment(demo_copy: Path, en
     assert in_storage(storage, dir_hash(first))
     (first / "notes.txt").write_text("not committed\n")
     dirty = run("make", "release", "VERSION=v1.0.0", cwd=first, env=env, ok=False)
-    assert dirty.returncode != 0 and "the workspace has uncommitted changes" in dirty.stderr and "notes.txt" in dirty.stderr
+    assert dirty.returncode != 0 and "the workspace has uncommitted changes" in dirty.stderr
+    assert "notes.txt" in dirty.stderr
     (first / "notes.txt").unlink()
     assert "registered friction-adapter@v1.0.0" in run("make", "release", "VERSION=v1.0.0", cwd=first, env=env).stdout
     v1 = tmp_path / "v1"
