@@ -1,18 +1,28 @@
 # make demo: the whole pipeline on bundled sample data and a tiny model, CPU, offline (~3 min after install)
 # make test: the test suite (what CI runs)
 # make train / make repro: the recipe in params.yaml (the seed card's: needs a CUDA GPU and the Hub)
+# make remote URL=...: the DVC remote every clone and experiment uses; make pull; make compare; make release VERSION=v1.0.0
 
 PYTHON ?= python3.11
 VENV ?= .venv
 DEMO_DIR ?= build/demo
+DEMO_BASE := data/sources/demo-base
+# The one-machine default remote when none is set: this clone's dvc-remote/ folder, written as an absolute path.
+DEFAULT_REMOTE := $(CURDIR)/dvc-remote
 STAMP := $(VENV)/.installed
+GIT_IDENTITY := git config user.email >/dev/null || git config user.email demo@localhost; git config user.name >/dev/null || git config user.name demo
+# make compare: dvc exp show with the columns people compare (it has one per count of every stage's report):
+# the params that differ, and these metrics.
+COMPARE_METRICS := best_eval_loss|validation\.adapter_loss|steady_tokens_per_s|friction\.adapter\.(answer_pushback_rate|answer_questions_to_user|answer_hedges_per_100_words|think_closed_rate)
+PARAM_COLUMNS := seed|recipe|(model|data|mix|pack|lora|train|evaluate|card)\.
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test repro train recipe cuda unsloth flash-attention-4 clean
+.PHONY: setup demo test repro train recipe cuda unsloth flash-attention-4 clean remote pull compare release
 
 setup: $(STAMP)
+	@friction remote --local --if-unset $(DEFAULT_REMOTE)
 
 # torch first and alone: anything that pulls it in as a dependency would take the multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -23,18 +33,24 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # A scratch copy of this working tree whose params.yaml is recipes/demo.yaml; the workspace itself is untouched.
+# The tiny base is tracked by DVC (dvc add) so that queued experiments, which run in a temporary copy of the last
+# commit, find it; the run is committed with its dvc.lock and metrics: the baseline `dvc exp show` compares with.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
 	git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEMO_DIR)
 	cp recipes/demo.yaml $(DEMO_DIR)/params.yaml
-	cd $(DEMO_DIR) && git init -q && git add -A && git -c user.name=demo -c user.email=demo@localhost commit -qm demo
-	cd $(DEMO_DIR) && HF_HUB_OFFLINE=1 friction demo-base && HF_HUB_OFFLINE=1 dvc repro
+	cd $(DEMO_DIR) && git init -q && { $(GIT_IDENTITY); }
+	cd $(DEMO_DIR) && friction remote --local --if-unset $(DEFAULT_REMOTE)
+	cd $(DEMO_DIR) && friction demo-base --out $(DEMO_BASE) && dvc add -q $(DEMO_BASE)
+	cd $(DEMO_DIR) && git add -A && git commit -qm "demo: recipes/demo.yaml as params.yaml, the tiny base model"
+	cd $(DEMO_DIR) && HF_HUB_OFFLINE=1 dvc repro && git add -A && git commit -qm "demo: baseline run (dvc repro)"
 	@echo
-	@echo "Demo done, in $(DEMO_DIR)/:"
-	@echo "  adapter:     $(DEMO_DIR)/models/adapter/"
-	@echo "  model card:  $(DEMO_DIR)/models/adapter/README.md"
+	@echo "Demo done, in $(DEMO_DIR)/ (a git + DVC repository; the run is its last commit):"
+	@echo "  model:       $(DEMO_DIR)/models/friction-adapter/ (adapter, tokenizer, README.md card, loss_curves.png)"
 	@echo "  metrics:     $(DEMO_DIR)/metrics/ (cd $(DEMO_DIR) && dvc metrics show)"
 	@echo "  samples:     $(DEMO_DIR)/data/eval/samples.jsonl"
+	@echo "  try it:      cd $(DEMO_DIR) && friction chat 'Should I quit my job?'"
+	@echo "  experiment:  cd $(DEMO_DIR) && dvc exp run -S lora.rank=4 && make compare   (with .venv/bin on PATH)"
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
@@ -65,6 +81,24 @@ unsloth: $(STAMP)
 flash-attention-4: $(STAMP)
 	@$(VENV)/bin/python -c "import torch, sys; torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9 or sys.exit('make flash-attention-4: needs a Hopper or newer CUDA GPU (auto uses torch varlen attention elsewhere)')"
 	$(VENV)/bin/pip install --quiet -e '.[flash-attention-4]'
+
+# make remote URL=s3://bucket/friction (or a folder, gs://, ssh://...): the DVC remote in .dvc/config; commit it.
+# Without URL: show the remote in use.
+remote:
+	friction remote $(URL)
+
+# dvc pull that names the remote it looked in when something is missing there (TARGETS=models/friction-adapter).
+pull:
+	friction pull $(TARGETS)
+
+# The experiments side by side: the params that differ, validation loss, the main friction metrics, tokens/s.
+compare:
+	dvc exp show --only-changed --keep '($(COMPARE_METRICS))$$' --drop '(?!(Experiment|Created|State|$(PARAM_COLUMNS)|($(COMPARE_METRICS))$$))' $(ARGS)
+
+# make release VERSION=v1.0.0: gto's annotated tag friction-adapter@v1.0.0 on HEAD (refused if dirty or unpushed).
+release:
+	@test -n "$(VERSION)" || { echo "usage: make release VERSION=v1.0.0"; exit 2; }
+	friction release $(VERSION)
 
 clean:
 	rm -rf build

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stages import attention  # noqa: E402
+from stages.pipeline import stage_argv  # noqa: E402
 from stages.schemas import PACKED_SCHEMA  # noqa: E402
 from stages.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E402
 
@@ -248,8 +249,8 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
     started = time.perf_counter()
     # `python -m stages train` is `friction train`: with train.gpus > 1 it restarts itself as torchrun (same
     # process), which runs each worker in a session of its own and stops them all when it is sent SIGTERM.
-    process = subprocess.Popen([sys.executable, "-m", "stages", "train"], cwd=workspace, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    command = [sys.executable, "-m", "stages", *stage_argv("train", REPO / "dvc.yaml")[1:]]
+    process = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         log, failed = process.communicate(timeout=timeout)[0].decode(errors="replace"), process.returncode != 0
     except subprocess.TimeoutExpired:

@@ -1,4 +1,8 @@
-"""card: the adapter's Hugging Face model card, built with huggingface_hub's ModelCard from this run's files only.
+"""card: the publishable model folder, the trained adapter with its Hugging Face model card and loss curves.
+
+The folder is one DVC output and the `friction-adapter` artifact of dvc.yaml: `dvc pull`, `dvc artifacts get`,
+`friction chat/merge/push` all take it whole. The card is built with huggingface_hub's ModelCard from this run's
+files only.
 
 Every figure comes from params.yaml, the fetch manifest, a stage's metrics or dvclive's logs; the template holds
 prose and formatting. A figure the run did not produce (a validation loss never measured, per-source token counts
@@ -7,17 +11,19 @@ an older mix did not write, loss curves never logged) is left out rather than sh
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 from huggingface_hub import ModelCard, ModelCardData
 
-from stages.artifacts import read_json
+from stages.artifacts import atomic_output, read_json
 from stages.chatml import generation_prompt
 from stages.config import Params
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
+CARD = "README.md"
 LOSS_PLOT = "loss_curves.png"
 LOSS_CURVES = (("train/loss", "training loss"), ("eval/loss", "validation loss"))
 USAGE_QUESTION = "I'm sure quitting my job tomorrow is the right call, everyone says so..."
@@ -133,11 +139,16 @@ def plot_losses(curves: list[tuple[Path, str]], out: Path) -> None:
 
 
 def run(
-    params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, live_dir: Path, card_path: Path
+    params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, live_dir: Path, out_dir: Path
 ) -> None:
+    """Copy the trained adapter folder to `out_dir` and add the card and the loss plot; all or nothing."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise click.ClickException(f"{adapter_dir}: no adapter_config.json; run the train stage first (dvc repro train)")
     curves = logged_curves(live_dir)
-    card = build(params, metrics_dir, manifest_path, adapter_dir, LOSS_PLOT if curves else None)
-    card_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_losses(curves, card_path.with_name(LOSS_PLOT))
-    card.save(card_path)
-    click.echo(f"card: {card_path}")
+    card = build(params, metrics_dir, manifest_path, out_dir, LOSS_PLOT if curves else None)
+    with atomic_output(out_dir) as scratch:
+        shutil.copytree(adapter_dir, scratch)
+        (scratch / CARD).unlink(missing_ok=True)
+        plot_losses(curves, scratch / LOSS_PLOT)
+        card.save(scratch / CARD)
+    click.echo(f"card: {out_dir / CARD}; the publishable model is {out_dir}/")

@@ -14,6 +14,7 @@ import pytest
 
 from stages.chatml import IGNORE_INDEX, IM_END, IM_START
 from stages.config import Params, load_params
+from stages.pipeline import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PROMPT = "You are a human-like AI assistant."
@@ -120,7 +121,7 @@ def real_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[..., Path]:
     """Make a fresh workspace (the demo recipe, its bundled sources, the tiny model as demo-base) and run pipeline
-    stages there, each as its own `friction` process as dvc repro runs them, with the given PYTHONHASHSEED."""
+    stages there, each as its own `friction` process with dvc.yaml's command line, with the given PYTHONHASHSEED."""
 
     def make(name: str, stages: tuple[str, ...] = ("fetch", "mix", "pack"), hash_seed: str = "0") -> Path:
         workspace = tmp_path_factory.mktemp(name)
@@ -131,7 +132,7 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
                "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
         for stage in stages:
             result = subprocess.run(
-                ["friction", stage], cwd=workspace, env=env, capture_output=True, text=True, check=False
+                stage_argv(stage, REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True, text=True, check=False
             )
             assert result.returncode == 0, f"friction {stage} failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
         return workspace
@@ -156,3 +157,41 @@ def labelled_runs(labels: list[int]) -> list[list[int]]:
             runs[-1].append(label)
         previous = label
     return runs
+
+
+def isolated_env(root: Path) -> dict[str, str]:
+    """The environment of a subprocess that may write only under `root`: its own HOME, XDG folders, DVC site cache,
+    Hugging Face home and temporary folder; offline; this checkout's .venv first on PATH."""
+    folders = {name: root / name.lower() for name in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME",
+                                                       "DVC_SITE_CACHE_DIR", "HF_HOME", "TMPDIR")}  # fmt: skip
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    clean = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_", "GIT_"))}
+    return {
+        **clean, **{name: str(folder) for name, folder in folders.items()},
+        "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def made_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict[str, str]]:
+    """`make demo` once for the session, in a temporary folder with its own HOME and default DVC remote:
+    (the demo workspace, make's output, the environment it ran in). Tests that change it work on a copy."""
+    root = tmp_path_factory.mktemp("made-demo")
+    env = isolated_env(root / "env")
+    workspace = root / "demo"
+    result = subprocess.run(
+        ["make", "demo", f"DEMO_DIR={workspace}", f"DEFAULT_REMOTE={root / 'default-remote'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"make demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return workspace, result.stdout + result.stderr, env
+
+
+@pytest.fixture
+def demo_copy(made_demo: tuple[Path, str, dict[str, str]], tmp_path: Path) -> Path:
+    """A copy of the made demo (its git history and DVC cache too) that a test may change."""
+    copy = tmp_path / "demo"
+    shutil.copytree(made_demo[0], copy, symlinks=True)
+    return copy

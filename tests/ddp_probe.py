@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from stages import train
 from stages.cli import main
+from stages.pipeline import stage_argv
 
 
 class TrainerThatShowsItsWeights(train.SFTTrainer):
@@ -20,4 +21,4 @@ class TrainerThatShowsItsWeights(train.SFTTrainer):
 
 
 train.SFTTrainer = TrainerThatShowsItsWeights
-main(["train"])
+main(stage_argv("train", Path(__file__).resolve().parents[1] / "dvc.yaml")[1:])

@@ -3,12 +3,14 @@ every number on the card must trace back to one of those files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 from huggingface_hub import ModelCard
@@ -101,7 +103,12 @@ def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float |
     train = {**TRAIN_METRICS, "best_eval_loss": best_eval_loss}
 
     paths = {"params": root / "params.yaml", "manifest": root / "data/raw/manifest.json", "metrics": root / "metrics",
-             "live": root / "dvclive", "card": root / "models/adapter/README.md"}  # fmt: skip
+             "live": root / "dvclive", "adapter": root / "models/adapter",
+             "card": root / "models/friction-adapter/README.md"}  # fmt: skip
+    # What the card stage copies: train's output, here its config and a peft README the card must replace.
+    paths["adapter"].mkdir(parents=True)
+    (paths["adapter"] / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 24}))
+    (paths["adapter"] / "README.md").write_text("peft's stub\n")
     for path, data in ((paths["manifest"], manifest), (paths["metrics"] / "mix.json", mix),
                        (paths["metrics"] / "pack.json", pack), (paths["metrics"] / "train.json", train),
                        (paths["metrics"] / "evaluate.json", evaluation)):  # fmt: skip
@@ -116,8 +123,13 @@ def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float |
 
 
 def build_card(paths: dict[str, Path]) -> ModelCard:
+    """Run the card stage from the run's root, with relative paths as dvc.yaml gives them."""
     params = load_params(paths["params"])
-    card.run(params, paths["metrics"], paths["manifest"], Path("models/adapter"), paths["live"], paths["card"])
+    root = paths["params"].parent
+    with contextlib.chdir(root):
+        relative = {name: path.relative_to(root) for name, path in paths.items()}
+        card.run(params, relative["metrics"], relative["manifest"], relative["adapter"], relative["live"],
+                 relative["card"].parent)  # fmt: skip
     return ModelCard.load(paths["card"])
 
 
@@ -230,3 +242,19 @@ def test_figures_the_run_did_not_produce_are_left_out(tmp_path: Path):
     assert "| weight | sampled |\n" in text and "tokens |" not in text.split("## Training data")[1].split("Packing")[0]
     assert card.LOSS_PLOT not in text
     assert paths["card"].with_name(card.LOSS_PLOT).is_file()  # DVC declares the image; it is written all the same
+
+
+def test_the_card_stage_writes_one_publishable_folder(model_card: ModelCard, run_files):
+    """The adapter folder train wrote, copied whole, with the card (not peft's stub) and the loss plot beside it."""
+    published = run_files["card"].parent
+    assert {path.name for path in published.iterdir()} == {"adapter_config.json", card.CARD, card.LOSS_PLOT}
+    assert (published / "adapter_config.json").read_bytes() == (run_files["adapter"] / "adapter_config.json").read_bytes()
+    assert 'PeftModel.from_pretrained(base, "models/friction-adapter")' in model_card.text
+
+
+def test_no_card_without_a_trained_adapter(run_files, tmp_path: Path):
+    params = load_params(run_files["params"])
+    with pytest.raises(click.ClickException, match="no adapter_config.json; run the train stage first"):
+        card.run(params, run_files["metrics"], run_files["manifest"], tmp_path / "none", run_files["live"],
+                 tmp_path / "out")  # fmt: skip
+    assert not (tmp_path / "out").exists()

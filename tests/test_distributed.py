@@ -21,6 +21,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from stages import distributed, modeling
+from stages.pipeline import stage_argv
+
+TRAIN = stage_argv("train", REPO / "dvc.yaml")  # `friction train` with its paths, as DVC runs it
 
 
 @pytest.mark.parametrize(
@@ -179,9 +182,9 @@ def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
     for workspace in (unbroken, broken):
         shutil.copytree(two_process_workspace, workspace)
-    run(["friction", "train"], unbroken)
+    run(TRAIN, unbroken)
 
-    process = subprocess.Popen(["friction", "train"], cwd=broken, env=environment(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(TRAIN, cwd=broken, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     checkpoint = broken / "models/checkpoints/checkpoint-3/trainer_state.json"
     deadline = time.monotonic() + 600
@@ -193,7 +196,7 @@ def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
     assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
     assert not (broken / "models/adapter").exists()
 
-    output = run(["friction", "train"], broken)
+    output = run(TRAIN, broken)
     assert "resuming from models/checkpoints/checkpoint-3" in output
     expected, resumed = (json.loads((w / "metrics/train.json").read_text()) for w in (unbroken, broken))
     for key in ("final_train_loss", "best_eval_loss", "steps"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from conftest import REPO, friction_row, jsonl_bytes, reluctance_text
 
 from stages import fetch
 from stages.config import Params, load_params
+from stages.pipeline import stage_argv
 
 COMMIT = "3f2c1b0a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
 LATER_COMMIT = "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b"
@@ -156,7 +158,7 @@ def write_params(workspace: Path, sources: dict) -> None:
 
 def run_fetch_cli(workspace: Path, sources: dict, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
     write_params(workspace, sources)
-    return run_in(workspace, hf_home, [*FRICTION, "fetch"], **env)
+    return run_in(workspace, hf_home, [*FRICTION, *stage_argv("fetch", REPO / "dvc.yaml")[1:]], **env)
 
 
 def put_in_hf_cache(
@@ -317,7 +319,7 @@ def test_upstream_change_is_warned_about_under_dvc_repro(workspace: Path, tmp_pa
     hf_home = tmp_path_factory.mktemp("hf-dvc")
     put_in_hf_cache(hf_home, "acme/friction-tiny", {"data/train.jsonl": jsonl_bytes([friction_row("1")])})
     write_params(workspace, {"tiny": {"hub": "acme/friction-tiny", "revision": "main", "format": "friction"}})
-    fetch_cmd = f"{sys.executable} -c 'from stages.cli import main; main()' fetch"
+    fetch_cmd = shlex.join([*FRICTION, *stage_argv("fetch", REPO / "dvc.yaml")[1:]])
     stage = {"cmd": fetch_cmd, "params": ["data.sources", "model.base", "model.revision"], "outs": ["data/raw"]}
     (workspace / "dvc.yaml").write_text(json.dumps({"stages": {"fetch": stage}}))
     dvc = [sys.executable, "-m", "dvc"]

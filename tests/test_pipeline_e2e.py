@@ -42,16 +42,16 @@ def set_param(workspace: Path, dotted: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, str]:
-    workspace = tmp_path_factory.mktemp("e2e") / "demo"
-    output = sh("make", "demo", f"DEMO_DIR={workspace}", cwd=REPO)
+def demo(made_demo) -> tuple[Path, str]:
+    """The session's `make demo`; these tests change its params last, after the ones that read it."""
+    workspace, output, _ = made_demo
     return workspace, output
 
 
 def test_demo_runs_every_stage_in_order(demo):
     workspace, output = demo
     assert stages_run(output) == STAGES
-    assert f"{workspace}/models/adapter/README.md" in output  # make demo ends by saying where things are
+    assert f"{workspace}/models/friction-adapter/" in output  # make demo ends by saying where things are
     dag = sh("dvc", "dag", "--dot", cwd=workspace)
     for upstream, downstream in zip(STAGES, STAGES[1:]):
         assert f'"{upstream}" -> "{downstream}"' in dag
@@ -70,7 +70,7 @@ def test_outputs_are_valid(demo):
     samples = [json.loads(line) for line in (workspace / "data/eval/samples.jsonl").read_text().splitlines()]
     assert len(samples) == 24 and all(s["adapter_response"] for s in samples)
 
-    card = ModelCard.load(workspace / "models/adapter/README.md")
+    card = ModelCard.load(workspace / "models/friction-adapter/README.md")
     assert card.data.base_model == "data/sources/demo-base"
     assert card.data.library_name == "peft" and card.data.license == "apache-2.0"
     assert f"{metrics['train']['final_train_loss']:.4f}" in card.text
@@ -82,12 +82,25 @@ def test_adapter_loads_onto_the_base_and_generates(demo):
 
     workspace, _ = demo
     base = AutoModelForCausalLM.from_pretrained(workspace / "data/sources/demo-base")
-    model = PeftModel.from_pretrained(base, workspace / "models/adapter")
-    tokenizer = AutoTokenizer.from_pretrained(workspace / "models/adapter")
+    model = PeftModel.from_pretrained(base, workspace / "models/friction-adapter")
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "models/friction-adapter")
     messages = [{"role": "user", "content": "I think I should repaint the whole house this weekend."}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_demo_commits_its_baseline_run_and_keeps_checkpoints_out_of_git(demo):
+    workspace, _ = demo
+    assert sh("git", "status", "--porcelain", cwd=workspace) == ""
+    tracked = sh("git", "ls-files", cwd=workspace).splitlines()
+    assert {"dvc.lock", "metrics/train.json", "metrics/evaluate.json", "data/sources/demo-base.dvc"} <= set(tracked)
+    assert (workspace / "models/checkpoints").is_dir()
+    in_git = [path for path in tracked if path.startswith(("models/", "data/sources/demo-base/"))]
+    assert in_git == ["models/.gitignore"]  # DVC's list of its outputs there; checkpoints are ignored from the root
+    artifact = workspace / "models/friction-adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja", "README.md",
+            "loss_curves.png"} <= {path.name for path in artifact.iterdir()}  # fmt: skip
 
 
 def test_reproduce_again_is_a_no_op(demo):
@@ -96,8 +109,8 @@ def test_reproduce_again_is_a_no_op(demo):
     assert stages_run(sh("dvc", "repro", cwd=workspace)) == []
 
 
-def test_param_changes_rerun_only_downstream_stages(demo):
-    workspace, _ = demo
+def test_param_changes_rerun_only_downstream_stages(demo_copy):
+    workspace = demo_copy
     set_param(workspace, "evaluate.max_new_tokens", 24)
     assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["evaluate", "card"]
     set_param(workspace, "lora.rank", 4)

@@ -21,15 +21,17 @@ from stages.chatml import IM_END
 
 from stages.modeling import device_name
 from stages import train
+from stages.pipeline import stage_argv
 from stages.train import LiveLog, StepTimer, packed_datasets, resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVAL_STEPS = 24, 4
 
 
-def friction(*args: str, cwd: Path) -> subprocess.Popen:
+def friction(stage: str, cwd: Path) -> subprocess.Popen:
+    """The stage's command line from dvc.yaml, as dvc repro runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
-    return subprocess.Popen(["friction", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(stage_argv(stage, REPO / "dvc.yaml"), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def finish(process: subprocess.Popen) -> str:
