@@ -42,9 +42,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 
 import click
+import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -93,7 +94,7 @@ class Example:
 @dataclass(frozen=True)
 class Encoded:
     example: Example
-    tokens: TokenizedExample
+    tokens: TokenArrays
     kept_tokens: int
     """The tokens pack will keep of it: all of them, or under `pack.overflow: truncate` at most model.max_length."""
 
@@ -210,38 +211,74 @@ def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Exampl
 # --- tokenizing -----------------------------------------------------------------------------------------------
 
 
+ENCODE_BATCH = 256
+"""Texts per call of the fast tokenizer: its Rust side encodes (and decodes) a batch on all cores at once."""
+
+
+class TokenArrays(NamedTuple):
+    """An example's tokens as mix holds them until it writes them: numpy arrays, not a Python object per token."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where nothing is trained
+    user_starts: np.ndarray  # int32
+
+
+def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[TokenArrays]:
+    """Token ids of each text with the special tokens the tokenizer adds (its BOS), labelled where a token starts
+    inside an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
+    encoding = tokenizer(list(texts), return_offsets_mapping=True)
+    out = []
+    for text, token_ids, token_offsets in zip(texts, encoding["input_ids"], encoding["offset_mapping"], strict=True):
+        ids = np.array(token_ids, dtype=np.int32)
+        offsets = np.array(token_offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        spans = np.array(assistant_spans(text), dtype=np.int64).reshape(-1, 2)  # in order, never overlapping
+        span = np.searchsorted(spans[:, 0], starts, side="right") - 1  # the last span starting at or before a token
+        inside = (span >= 0) & (starts < np.append(spans[:, 1], 0)[span])
+        labels = np.where((ends > starts) & inside, ids, IGNORE_INDEX).astype(np.int32)
+        # A user turn starts at the token holding its header's first character (or the first token after it).
+        token_ends = np.where(ends > starts, ends, 0)
+        turn_starts = [bisect.bisect_right(token_ends, start) for start in user_starts(text)]  # type: ignore[call-overload]
+        out.append(TokenArrays(ids, labels, np.array(turn_starts, dtype=np.int32)))
+    return out
+
+
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
-    """Token ids of `text` with the special tokens the tokenizer adds (its BOS), labelled where a token starts inside
-    an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
-    encoding = tokenizer(text, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
-    spans = assistant_spans(text)
-    labels = []
-    for token_id, (start, end) in zip(encoding["input_ids"], offsets, strict=True):
-        trained = end > start and any(span_start <= start < span_end for span_start, span_end in spans)
-        labels.append(token_id if trained else IGNORE_INDEX)
-    # A user turn starts at the token holding its header's first character (or the first token after it).
-    ends = [end if end > start else 0 for start, end in offsets]
-    starts = [bisect.bisect_right(ends, start) for start in user_starts(text)]
-    return TokenizedExample(encoding["input_ids"], labels, starts)
+    """`tokenize_batch` of one text, as lists."""
+    tokens = tokenize_batch([text], tokenizer)[0]
+    return TokenizedExample(tokens.input_ids.tolist(), tokens.labels.tolist(), tokens.user_starts.tolist())
+
+
+def round_trip_problems(
+    texts: Sequence[str], token_ids: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase
+) -> list[str | None]:
+    """Why each text's tokens do not decode back to it (None when they do): a tokenizer that loses text, or one that
+    is not the base's (a folder without tokenizer.json can load as something that maps everything to one id)."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(tokenizer.eos_token)}
+    # Drop what the tokenizer added (BOS), keep <|im_end|>, which is the EOS token and part of the text.
+    stripped = []
+    for ids in token_ids:
+        ids = list(ids)
+        first = next((index for index, token in enumerate(ids) if token not in special), len(ids))
+        stripped.append(ids[first:])
+    decoded_texts = tokenizer.batch_decode(stripped, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    problems: list[str | None] = []
+    for text, decoded in zip(texts, decoded_texts, strict=True):
+        expected = normalizer.normalize_str(text) if normalizer else text
+        if decoded == expected:
+            problems.append(None)
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
+        problems.append(
+            f"decodes to {decoded[max(at - 20, 0) : at + 20]!r} where the text has {expected[max(at - 20, 0) : at + 20]!r}"
+        )
+    return problems
 
 
 def round_trip_problem(text: str, tokens: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """Why `tokens` do not decode back to `text` (None when they do): a tokenizer that loses text, or one that is not
-    the base's (a folder without tokenizer.json can load as something that maps everything to one id)."""
-    special = set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(tokenizer.eos_token)}
-    # Drop what the tokenizer added (BOS), keep <|im_end|>, which is the EOS token and part of the text.
-    ids = list(tokens.input_ids)
-    while ids and ids[0] in special:
-        ids.pop(0)
-    decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    normalizer = tokenizer.backend_tokenizer.normalizer
-    expected = normalizer.normalize_str(text) if normalizer else text
-    if decoded == expected:
-        return None
-    at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
-    start = max(at - 20, 0)
-    return f"decodes to {decoded[start : at + 20]!r} where the text has {expected[start : at + 20]!r}"
+    """`round_trip_problems` of one text."""
+    return round_trip_problems([text], [tokens.input_ids], tokenizer)[0]
 
 
 def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
@@ -255,19 +292,23 @@ def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params) -> list[Encoded]:
-    """Tokenize every example; stop if the tokenizer does not give back the text of one (it would train garbage)."""
+    """Tokenize every example, a batch at a time; stop if the tokenizer does not give back the text of one (it would
+    train garbage)."""
     cap = params.model.max_length if params.pack.overflow == "truncate" else None
     encoded = []
-    for example in examples:
-        tokens = tokenize(example.text, tokenizer)
-        problem = round_trip_problem(example.text, tokens, tokenizer)
-        if problem:
-            raise click.ClickException(
-                f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
-                f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
-            )
-        length = len(tokens.input_ids)
-        encoded.append(Encoded(example, tokens, min(length, cap) if cap else length))
+    for first in range(0, len(examples), ENCODE_BATCH):
+        batch = examples[first : first + ENCODE_BATCH]
+        texts = [example.text for example in batch]
+        tokenized = tokenize_batch(texts, tokenizer)
+        problems = round_trip_problems(texts, [tokens.input_ids.tolist() for tokens in tokenized], tokenizer)
+        for example, tokens, problem in zip(batch, tokenized, problems, strict=True):
+            if problem:
+                raise click.ClickException(
+                    f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
+                    f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
+                )
+            length = len(tokens.input_ids)
+            encoded.append(Encoded(example, tokens, min(length, cap) if cap else length))
     return encoded
 
 
@@ -323,15 +364,16 @@ def shuffled(items: Sequence[T], seed: int) -> list[T]:
     """`items` in the order datasets' Dataset.shuffle(seed=seed) gives a table of them (the original's shuffle)."""
     if not items:
         return []
-    order = Dataset.from_dict({"position": range(len(items))}).shuffle(seed=seed)["position"]
-    return [items[position] for position in order]
+    order = Dataset.from_dict({"position": range(len(items))}).shuffle(seed=seed).with_format("numpy")[:]["position"]
+    return [items[position] for position in order.tolist()]
 
 
 def train_validation_split(items: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """datasets' train_test_split(test_size=validation_fraction, seed=seed) of a table of `items`."""
     positions = Dataset.from_dict({"position": range(len(items))})
     split = positions.train_test_split(test_size=validation_fraction, seed=seed)
-    return [items[p] for p in split["train"]["position"]], [items[p] for p in split["test"]["position"]]
+    train, test = (split[part].with_format("numpy")[:]["position"].tolist() for part in ("train", "test"))
+    return [items[p] for p in train], [items[p] for p in test]
 
 
 def rows_within(rows: list[Encoded], token_limit: int) -> int:
@@ -389,17 +431,25 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
 # --- writing --------------------------------------------------------------------------------------------------
 
 
+def token_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+    """One list of int32 a row, built from the rows' arrays in one copy."""
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum([len(array) for array in arrays], out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int32()))
+
+
 def write_parquet(rows: list[Encoded], path: Path, bos_token_id: int | None) -> None:
-    columns = {
-        "id": [row.example.id for row in rows],
-        "source": [row.example.source for row in rows],
-        "text": [row.example.text for row in rows],
-        "input_ids": [row.tokens.input_ids for row in rows],
-        "labels": [row.tokens.labels for row in rows],
-        "user_starts": [row.tokens.user_starts for row in rows],
-    }
     schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
-    write_table(pa.Table.from_pydict(columns, schema=schema), path)
+    columns = [
+        pa.array([row.example.id for row in rows], type=pa.string()),
+        pa.array([row.example.source for row in rows], type=pa.string()),
+        pa.array([row.example.text for row in rows], type=pa.string()),
+        token_lists([np.asarray(row.tokens.input_ids) for row in rows]),
+        token_lists([np.asarray(row.tokens.labels) for row in rows]),
+        token_lists([np.asarray(row.tokens.user_starts) for row in rows]),
+    ]
+    write_table(pa.Table.from_arrays(columns, schema=schema), path)
 
 
 def echo_report(report: dict) -> None:
