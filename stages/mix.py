@@ -261,7 +261,9 @@ def round_trip_problems(
         ids = list(ids)
         first = next((index for index, token in enumerate(ids) if token not in special), len(ids))
         stripped.append(ids[first:])
-    decoded_texts = tokenizer.batch_decode(stripped, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # The fast tokenizer's own batch decode: what tokenizer.decode(ids, clean_up_tokenization_spaces=False) gives,
+    # without its per-token checks in Python.
+    decoded_texts = tokenizer.backend_tokenizer.decode_batch(stripped, skip_special_tokens=False)
     normalizer = tokenizer.backend_tokenizer.normalizer
     problems: list[str | None] = []
     for text, decoded in zip(texts, decoded_texts, strict=True):
