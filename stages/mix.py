@@ -38,11 +38,12 @@ import bisect
 import hashlib
 import json
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import click
 import numpy as np
@@ -63,6 +64,7 @@ from stages.chatml import (
 )
 from stages.config import Params
 from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, write_parquet as write_table
+from stages.token_store import Stored, TokenArrays, TokenStore
 from stages.tokens import load_tokenizer
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
@@ -93,14 +95,18 @@ class Example:
 
 @dataclass(frozen=True)
 class Encoded:
-    example: Example
-    tokens: TokenArrays
+    """An example tokenized: where it came from, and where its text and tokens wait until mix writes them."""
+
+    id: str
+    source: str
+    line: int
+    stored: Stored
     kept_tokens: int
     """The tokens pack will keep of it: all of them, or under `pack.overflow: truncate` at most model.max_length."""
 
     @property
     def length(self) -> int:
-        return len(self.tokens.input_ids)
+        return self.stored.length
 
 
 # --- reading and cleaning -------------------------------------------------------------------------------------
@@ -215,14 +221,6 @@ ENCODE_BATCH = 256
 """Texts per call of the fast tokenizer: its Rust side encodes (and decodes) a batch on all cores at once."""
 
 
-class TokenArrays(NamedTuple):
-    """An example's tokens as mix holds them until it writes them: numpy arrays, not a Python object per token."""
-
-    input_ids: np.ndarray  # int32
-    labels: np.ndarray  # int32, IGNORE_INDEX where nothing is trained
-    user_starts: np.ndarray  # int32
-
-
 def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[TokenArrays]:
     """Token ids of each text with the special tokens the tokenizer adds (its BOS), labelled where a token starts
     inside an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
@@ -293,9 +291,11 @@ def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
 
 
-def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params) -> list[Encoded]:
-    """Tokenize every example, a batch at a time; stop if the tokenizer does not give back the text of one (it would
-    train garbage)."""
+def encode(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
+) -> list[Encoded]:
+    """Tokenize every example, a batch at a time, into `store`; stop if the tokenizer does not give back the text of
+    one (it would train garbage)."""
     cap = params.model.max_length if params.pack.overflow == "truncate" else None
     encoded = []
     for first in range(0, len(examples), ENCODE_BATCH):
@@ -303,14 +303,15 @@ def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: 
         texts = [example.text for example in batch]
         tokenized = tokenize_batch(texts, tokenizer)
         problems = round_trip_problems(texts, [tokens.input_ids.tolist() for tokens in tokenized], tokenizer)
-        for example, tokens, problem in zip(batch, tokenized, problems, strict=True):
+        for example, problem in zip(batch, problems, strict=True):
             if problem:
                 raise click.ClickException(
                     f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
                     f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
                 )
-            length = len(tokens.input_ids)
-            encoded.append(Encoded(example, tokens, min(length, cap) if cap else length))
+        for example, stored in zip(batch, store.add(texts, tokenized), strict=True):
+            kept = min(stored.length, cap) if cap else stored.length
+            encoded.append(Encoded(example.id, example.source, example.line, stored, kept))
     return encoded
 
 
@@ -335,7 +336,7 @@ def drop_over_length(encoded: list[Encoded], max_length: int, dropped: list[dict
     for row in encoded:
         if row.length > max_length:
             dropped.append(
-                {"source": row.example.source, "line": row.example.line, "id": row.example.id,
+                {"source": row.source, "line": row.line, "id": row.id,
                  "reason": "over_max_length", "detail": f"{row.length} tokens, over model.max_length {max_length}"}
             )  # fmt: skip
         else:
@@ -433,25 +434,14 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-def token_lists(arrays: list[np.ndarray]) -> pa.ListArray:
-    """One list of int32 a row, built from the rows' arrays in one copy."""
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
-    np.cumsum([len(array) for array in arrays], out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int32()))
-
-
-def write_parquet(rows: list[Encoded], path: Path, bos_token_id: int | None) -> None:
+def write_parquet(rows: list[Encoded], store: TokenStore, path: Path, bos_token_id: int | None) -> None:
     schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
-    columns = [
-        pa.array([row.example.id for row in rows], type=pa.string()),
-        pa.array([row.example.source for row in rows], type=pa.string()),
-        pa.array([row.example.text for row in rows], type=pa.string()),
-        token_lists([np.asarray(row.tokens.input_ids) for row in rows]),
-        token_lists([np.asarray(row.tokens.labels) for row in rows]),
-        token_lists([np.asarray(row.tokens.user_starts) for row in rows]),
-    ]
-    write_table(pa.Table.from_arrays(columns, schema=schema), path)
+    columns = {
+        "id": pa.array([row.id for row in rows], type=pa.string()),
+        "source": pa.array([row.source for row in rows], type=pa.string()),
+        **store.columns([row.stored for row in rows]),
+    }
+    write_table(pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), path)
 
 
 def echo_report(report: dict) -> None:
@@ -485,14 +475,25 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
     examples = drop_duplicates(examples, dropped)
 
     tokenizer = base_tokenizer(manifest_path)
-    encoded = encode(examples, tokenizer, params)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-tokens-", dir=out_dir.parent) as store_dir:
+        store = TokenStore(Path(store_dir))  # the tokens wait on disk: memory does not grow with the examples read
+        encoded = encode(examples, tokenizer, params, store)
+        del examples  # their texts are in the store now
+        mix_and_write(params, encoded, dropped, rows_in, tokenizer, store, out_dir, metrics_path)
+
+
+def mix_and_write(
+    params: Params, encoded: list[Encoded], dropped: list[dict], rows_in: dict[str, int],
+    tokenizer: PreTrainedTokenizerBase, store: TokenStore, out_dir: Path, metrics_path: Path,
+) -> None:  # fmt: skip
     max_length = params.model.max_length
     if params.pack.overflow == "drop":
         encoded = drop_over_length(encoded, max_length, dropped)
     if dropped and params.mix.on_bad_rows == "fail":
         stop_on_bad_rows(dropped, params)
 
-    by_source = {name: [row for row in encoded if row.example.source == name] for name in params.data.sources}
+    by_source = {name: [row for row in encoded if row.source == name] for name in params.data.sources}
     stop_on_empty_sources(by_source, dropped, params)
     mixed, report = sample(by_source, params)
     train, validation = train_validation_split(mixed, params.mix.validation_fraction, params.seed)
@@ -518,8 +519,8 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
     with atomic_output(out_dir) as scratch, atomic_output(metrics_path) as metrics_scratch:
         scratch.mkdir()
         bos = added_bos_id(tokenizer)
-        write_parquet(train, scratch / "train.parquet", bos)
-        write_parquet(validation, scratch / "validation.parquet", bos)
+        write_parquet(train, store, scratch / "train.parquet", bos)
+        write_parquet(validation, store, scratch / "validation.parquet", bos)
         with (scratch / "dropped.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in dropped)
         write_json(metrics_scratch, report)
