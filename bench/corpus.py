@@ -13,18 +13,7 @@ import json
 import random
 from pathlib import Path
 
-WORDS = (
-    "I you they we it this that the a an and but or so because if when then maybe perhaps not sure wonder could "
-    "might should would feel think know want need keep thinking wait hm okay actually honestly really just still "
-    "again never always sometimes friend sister brother mother father partner boss coworker job work home money "
-    "time week month year night morning plan idea question answer reason problem choice change move leave stay quit "
-    "call text message talk listen tell ask help hurt care worry fear hope anger tired scared angry sad happy fine "
-    "heavy hard easy fair wrong right true false better worse more less enough too much little big small new old "
-    "first last next other same different whole part middle side way place thing person people life story memory "
-    "moment pattern habit promise decision conversation boundary trust doubt risk cost miss lose find see hear say "
-    "feel go come take give make let try stop start end over under about around through between without within "
-    "here there now later soon yet already almost only even also however though although unless until while since"
-).split()
+WORDS = ["I", "you", "they", "we", "it", "this", "that", "the", "a", "an", "and", "but", "or", "so", "because", "if", "when", "then", "maybe", "perhaps", "not", "sure", "wonder", "could", "might", "should", "would", "feel", "think", "know", "want", "need", "keep", "thinking", "wait", "hm", "okay", "actually", "honestly", "really", "just", "still", "again", "never", "always", "sometimes", "friend", "sister", "brother", "mother", "father", "partner", "boss", "coworker", "job", "work", "home", "money", "time", "week", "month", "year", "night", "morning", "plan", "idea", "question", "answer", "reason", "problem", "choice", "change", "move", "leave", "stay", "quit", "call", "text", "message", "talk", "listen", "tell", "ask", "help", "hurt", "care", "worry", "fear", "hope", "anger", "tired", "scared", "angry", "sad", "happy", "fine", "heavy", "hard", "easy", "fair", "wrong", "right", "true", "false", "better", "worse", "more", "less", "enough", "too", "much", "little", "big", "small", "new", "old", "first", "last", "next", "other", "same", "different", "whole", "part", "middle", "side", "way", "place", "thing", "person", "people", "life", "story", "memory", "moment", "pattern", "habit", "promise", "decision", "conversation", "boundary", "trust", "doubt", "risk", "cost", "miss", "lose", "find", "see", "hear", "say", "feel", "go", "come", "take", "give", "make", "let", "try", "stop", "start", "end", "over", "under", "about", "around", "through", "between", "without", "within", "here", "there", "now", "later", "soon", "yet", "already", "almost", "only", "even", "also", "however", "though", "although", "unless", "until", "while", "since"]
 AGENTS = ["problem_framer", "memory_activator", "mechanism_explorer", "perspective_generator", "synthesizer"]
 SOURCES = {
     "disagreement": "friction",

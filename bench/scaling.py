@@ -7,6 +7,7 @@ mix's time is bound by). The growth exponent between two sizes is log(t2 / t1) /
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
@@ -18,9 +19,13 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, run_measured, spread  # noqa: E402
-from bench.corpus import SOURCES, write_sources  # noqa: E402
-from bench.common import demo_workspace  # noqa: E402
+from bench.common import (
+    demo_workspace,
+    machine,
+    run_measured,
+    spread,
+)
+from bench.corpus import SOURCES, write_sources
 
 SCALING_PARAMS = {
     "data": {"sources": {name: {"path": f"data/sources/synthetic/{name}.jsonl", "format": source_format}
@@ -76,7 +81,7 @@ def growth(points: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     return [
         {"from": a["examples"], "to": b["examples"],
          "exponent": round(math.log(b[key]["median"] / a[key]["median"]) / math.log(b["examples"] / a["examples"]), 3)}
-        for a, b in zip(points, points[1:])
+        for a, b in itertools.pairwise(points)
     ]  # fmt: skip
 
 
@@ -91,7 +96,7 @@ def run(sizes: list[int], runs: int, single_run_from: int, scratch: Path) -> dic
         {"from": a["examples"], "to": b["examples"],
          "mix_gib": (b["mix_peak_gib"]["median"] - a["mix_peak_gib"]["median"]) / (b["examples"] - a["examples"]) * 1000,
          "pack_gib": (b["pack_peak_gib"]["median"] - a["pack_peak_gib"]["median"]) / (b["examples"] - a["examples"]) * 1000}
-        for a, b in zip(points, points[1:])
+        for a, b in itertools.pairwise(points)
     ]  # fmt: skip
     return {
         "points": points,

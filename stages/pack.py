@@ -35,6 +35,7 @@ fill_ratio (real_tokens / (rows x max_length)).
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ def row_chunks(row_offsets: np.ndarray) -> list[tuple[int, int]]:
     """Consecutive ranges of rows of about CHUNK_TOKENS tokens each."""
     bounds = np.searchsorted(row_offsets, np.arange(0, int(row_offsets[-1]), CHUNK_TOKENS), side="right") - 1
     bounds = sorted(set(bounds.tolist()) | {len(row_offsets) - 1})
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 def lay_out(

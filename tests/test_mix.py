@@ -17,7 +17,7 @@ from datasets import Dataset, concatenate_datasets
 from stages import mix
 from stages.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
-from stages.mix import BadRow, Encoded, Example, friction_messages, friction_text, tokenize
+from stages.mix import BadRow, Encoded, friction_messages, friction_text, tokenize
 from stages.token_store import Stored
 from stages.tokens import load_tokenizer
 

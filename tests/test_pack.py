@@ -17,14 +17,13 @@ import torch
 from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM
 
-from stages import pack
+from stages import mix, pack
 from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
-from stages import mix
 from stages.mix import Encoded, friction_text, tokenize, write_parquet
-from stages.tokens import load_tokenizer
-from stages.token_store import TokenStore
 from stages.pack import Piece, best_fit_decreasing, next_fit, pack_split
+from stages.token_store import TokenStore
+from stages.tokens import load_tokenizer
 
 SHORT = render([
     {"role": "user", "content": "Hi"},
