@@ -347,7 +347,8 @@ def read_split(path: Path, params: Params) -> tuple[TokenColumns, int | None]:
     row_of = np.repeat(np.arange(len(lengths)), starts_per_row)
     inside = (in_row >= 0) & (in_row < lengths[row_of])
     user_start[offsets[row_of[inside]] + in_row[inside]] = True
-    columns = TokenColumns(flat_ids.astype(np.int32), flat_labels.astype(np.int32), offsets, user_start)
+    columns = TokenColumns(flat_ids.astype(np.int32, copy=False), flat_labels.astype(np.int32, copy=False), offsets,
+                           user_start)  # fmt: skip
     return columns, bos_token_id(schema)
 
 
