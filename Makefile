@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test repro train recipe cuda unsloth clean
+.PHONY: setup demo test bench repro train recipe cuda unsloth clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+# make bench: the CPU benchmarks (bench/run.py, ~15 min on 2 quiet cores); rewrites BENCHMARKS.md's CPU section and
+# adds the raw results to bench/results/. The million-example point: python bench/run.py --scaling-sizes 10000,100000,1000000
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/run.py
 
 repro: $(STAMP)
 	dvc repro
