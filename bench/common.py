@@ -52,7 +52,7 @@ class Run:
     output: str
 
 
-def run_measured(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 1800) -> Run:
+def run_measured(command: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 4 * 3600) -> Run:
     """Run a command in a process of its own: its wall time and peak resident memory (the kernel's maxrss of that
     process alone, through wait4)."""
     start = time.perf_counter()
