@@ -30,19 +30,28 @@ from stages.config import load_params  # noqa: E402
 @click.option("--scratch", type=click.Path(path_type=Path), default=REPO / "build/bench/scratch")
 @click.option("--results", type=click.Path(path_type=Path), default=REPO / "bench/results")
 @click.option("--benchmarks", type=click.Path(path_type=Path), default=REPO / "BENCHMARKS.md")
+@click.option("--only", default="pipeline,packing,training,scaling",
+              help="Parts to run, comma-separated; with --resume the others are kept from that result.")
+@click.option("--resume", type=click.Path(exists=True, path_type=Path), default=None,
+              help="A result file to add the parts run to.")
 @click.option("--render", "render_only", type=click.Path(exists=True, path_type=Path), default=None,
               help="Rewrite BENCHMARKS.md's CPU section from this result file and stop.")  # fmt: skip
-def main(runs: int, scaling_sizes: str, single_run_from: int, scratch: Path, results: Path, benchmarks: Path, render_only: Path | None) -> None:
+def main(runs: int, scaling_sizes: str, single_run_from: int, scratch: Path, results: Path, benchmarks: Path,
+         only: str, resume: Path | None, render_only: Path | None) -> None:  # fmt: skip
     if render_only:
         report.update_benchmarks(benchmarks, json.loads(render_only.read_text()), render_only.relative_to(REPO))
         return
-    started = time.perf_counter()
     result: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "seconds": {}}
+    if resume:
+        result = json.loads(resume.read_text())
+    parts = only.split(",")
 
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"cpu-{result['started'][:10]}.json"
 
     def part(name: str, function) -> None:
+        if name not in parts:
+            return
         began = time.perf_counter()
         click.echo(f"bench: {name} ...", err=True)
         result[name] = function()
@@ -56,7 +65,7 @@ def main(runs: int, scaling_sizes: str, single_run_from: int, scratch: Path, res
     part("training", lambda: training.run(scratch, runs))
     sizes = [int(size) for size in scaling_sizes.split(",")]
     part("scaling", lambda: scaling.run(sizes, runs, single_run_from, scratch))
-    result["seconds"]["total"] = round(time.perf_counter() - started, 1)
+    result["seconds"]["total"] = round(sum(value for key, value in result["seconds"].items() if key != "total"), 1)
     result["load_average_after"] = machine()["load_average"]
 
     path.write_text(json.dumps(result, indent=1) + "\n")
