@@ -24,7 +24,7 @@ def times(r: dict[str, Any]) -> str:
 
 def verdict(value: float, target: float, at_least: bool = True) -> str:
     met = value >= target if at_least else value <= target
-    return "met" if met else f"**missed** ({value:.3g} vs {'≥' if at_least else '≤'} {target})"
+    return "met" if met else f"**missed** ({value:.3g} vs {'≥' if at_least else '≤'} {target:.3g})"
 
 
 def packing_section(packing: dict[str, Any]) -> list[str]:
