@@ -69,6 +69,9 @@ def main(runs: int, scaling_sizes: str, single_run_from: int, scratch: Path, res
     result["load_average_after"] = machine()["load_average"]
 
     path.write_text(json.dumps(result, indent=1) + "\n")
+    if not all(name in result for name in ("pipeline", "packing", "scaling")):
+        click.echo(f"bench: {path} holds only {', '.join(parts)}; BENCHMARKS.md left as it is", err=True)
+        return
     report.update_benchmarks(benchmarks, result, path.relative_to(REPO))
     click.echo(f"bench: {result['seconds']['total']} s; raw results {path}; {benchmarks} updated", err=True)
 
