@@ -19,7 +19,7 @@ PARAM_COLUMNS := seed|recipe|(model|data|mix|pack|lora|train|evaluate|card)\.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test repro train recipe cuda unsloth flash-attention-4 clean remote pull compare release
+.PHONY: setup demo test bench repro train recipe cuda unsloth flash-attention-4 clean remote pull compare release
 
 setup: $(STAMP)
 	@friction remote --local --if-unset $(DEFAULT_REMOTE)
@@ -54,6 +54,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+# make bench: the CPU benchmarks (bench/run.py; aimed at 15 min on 2 quiet cores, not yet timed there); rewrites BENCHMARKS.md's CPU section and
+# adds the raw results to bench/results/. The million-example point: python bench/run.py --scaling-sizes 10000,100000,1000000
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/run.py
 
 repro: $(STAMP)
 	dvc repro

@@ -38,6 +38,7 @@ import bisect
 import hashlib
 import json
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import click
+import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -62,6 +64,7 @@ from stages.chatml import (
 )
 from stages.config import Params
 from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, write_parquet as write_table
+from stages.token_store import Stored, TokenArrays, TokenStore
 from stages.tokens import load_tokenizer
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
@@ -92,14 +95,18 @@ class Example:
 
 @dataclass(frozen=True)
 class Encoded:
-    example: Example
-    tokens: TokenizedExample
+    """An example tokenized: where it came from, and where its text and tokens wait until mix writes them."""
+
+    id: str
+    source: str
+    line: int
+    stored: Stored
     kept_tokens: int
     """The tokens pack will keep of it: all of them, or under `pack.overflow: truncate` at most model.max_length."""
 
     @property
     def length(self) -> int:
-        return len(self.tokens.input_ids)
+        return self.stored.length
 
 
 # --- reading and cleaning -------------------------------------------------------------------------------------
@@ -210,38 +217,68 @@ def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Exampl
 # --- tokenizing -----------------------------------------------------------------------------------------------
 
 
+ENCODE_BATCH = 256
+"""Texts per call of the fast tokenizer: its Rust side encodes (and decodes) a batch on all cores at once."""
+
+
+def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[TokenArrays]:
+    """Token ids of each text with the special tokens the tokenizer adds (its BOS), labelled where a token starts
+    inside an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
+    encoding = tokenizer(list(texts), return_offsets_mapping=True)
+    out = []
+    for text, token_ids, token_offsets in zip(texts, encoding["input_ids"], encoding["offset_mapping"], strict=True):
+        ids = np.array(token_ids, dtype=np.int32)
+        offsets = np.array(token_offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        spans = np.array(assistant_spans(text), dtype=np.int64).reshape(-1, 2)  # in order, never overlapping
+        span = np.searchsorted(spans[:, 0], starts, side="right") - 1  # the last span starting at or before a token
+        inside = (span >= 0) & (starts < np.append(spans[:, 1], 0)[span])
+        labels = np.where((ends > starts) & inside, ids, IGNORE_INDEX).astype(np.int32)
+        # A user turn starts at the token holding its header's first character (or the first token after it).
+        token_ends = np.where(ends > starts, ends, 0)
+        turn_starts = [bisect.bisect_right(token_ends, start) for start in user_starts(text)]  # type: ignore[call-overload]
+        out.append(TokenArrays(ids, labels, np.array(turn_starts, dtype=np.int32)))
+    return out
+
+
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
-    """Token ids of `text` with the special tokens the tokenizer adds (its BOS), labelled where a token starts inside
-    an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
-    encoding = tokenizer(text, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
-    spans = assistant_spans(text)
-    labels = []
-    for token_id, (start, end) in zip(encoding["input_ids"], offsets, strict=True):
-        trained = end > start and any(span_start <= start < span_end for span_start, span_end in spans)
-        labels.append(token_id if trained else IGNORE_INDEX)
-    # A user turn starts at the token holding its header's first character (or the first token after it).
-    ends = [end if end > start else 0 for start, end in offsets]
-    starts = [bisect.bisect_right(ends, start) for start in user_starts(text)]
-    return TokenizedExample(encoding["input_ids"], labels, starts)
+    """`tokenize_batch` of one text, as lists."""
+    tokens = tokenize_batch([text], tokenizer)[0]
+    return TokenizedExample(tokens.input_ids.tolist(), tokens.labels.tolist(), tokens.user_starts.tolist())
+
+
+def round_trip_problems(
+    texts: Sequence[str], token_ids: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase
+) -> list[str | None]:
+    """Why each text's tokens do not decode back to it (None when they do): a tokenizer that loses text, or one that
+    is not the base's (a folder without tokenizer.json can load as something that maps everything to one id)."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(tokenizer.eos_token)}
+    # Drop what the tokenizer added (BOS), keep <|im_end|>, which is the EOS token and part of the text.
+    stripped = []
+    for ids in token_ids:
+        ids = list(ids)
+        first = next((index for index, token in enumerate(ids) if token not in special), len(ids))
+        stripped.append(ids[first:])
+    # The fast tokenizer's own batch decode: what tokenizer.decode(ids, clean_up_tokenization_spaces=False) gives,
+    # without its per-token checks in Python.
+    decoded_texts = tokenizer.backend_tokenizer.decode_batch(stripped, skip_special_tokens=False)
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    problems: list[str | None] = []
+    for text, decoded in zip(texts, decoded_texts, strict=True):
+        expected = normalizer.normalize_str(text) if normalizer else text
+        if decoded == expected:
+            problems.append(None)
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
+        problems.append(
+            f"decodes to {decoded[max(at - 20, 0) : at + 20]!r} where the text has {expected[max(at - 20, 0) : at + 20]!r}"
+        )
+    return problems
 
 
 def round_trip_problem(text: str, tokens: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """Why `tokens` do not decode back to `text` (None when they do): a tokenizer that loses text, or one that is not
-    the base's (a folder without tokenizer.json can load as something that maps everything to one id)."""
-    special = set(tokenizer.all_special_ids) - {tokenizer.convert_tokens_to_ids(tokenizer.eos_token)}
-    # Drop what the tokenizer added (BOS), keep <|im_end|>, which is the EOS token and part of the text.
-    ids = list(tokens.input_ids)
-    while ids and ids[0] in special:
-        ids.pop(0)
-    decoded = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    normalizer = tokenizer.backend_tokenizer.normalizer
-    expected = normalizer.normalize_str(text) if normalizer else text
-    if decoded == expected:
-        return None
-    at = next((i for i, (a, b) in enumerate(zip(decoded, expected)) if a != b), min(len(decoded), len(expected)))
-    start = max(at - 20, 0)
-    return f"decodes to {decoded[start : at + 20]!r} where the text has {expected[start : at + 20]!r}"
+    """`round_trip_problems` of one text."""
+    return round_trip_problems([text], [tokens.input_ids], tokenizer)[0]
 
 
 def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
@@ -254,20 +291,27 @@ def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
 
 
-def encode(examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params) -> list[Encoded]:
-    """Tokenize every example; stop if the tokenizer does not give back the text of one (it would train garbage)."""
+def encode(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
+) -> list[Encoded]:
+    """Tokenize every example, a batch at a time, into `store`; stop if the tokenizer does not give back the text of
+    one (it would train garbage)."""
     cap = params.model.max_length if params.pack.overflow == "truncate" else None
     encoded = []
-    for example in examples:
-        tokens = tokenize(example.text, tokenizer)
-        problem = round_trip_problem(example.text, tokens, tokenizer)
-        if problem:
-            raise click.ClickException(
-                f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
-                f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
-            )
-        length = len(tokens.input_ids)
-        encoded.append(Encoded(example, tokens, min(length, cap) if cap else length))
+    for first in range(0, len(examples), ENCODE_BATCH):
+        batch = examples[first : first + ENCODE_BATCH]
+        texts = [example.text for example in batch]
+        tokenized = tokenize_batch(texts, tokenizer)
+        problems = round_trip_problems(texts, [tokens.input_ids.tolist() for tokens in tokenized], tokenizer)
+        for example, problem in zip(batch, problems, strict=True):
+            if problem:
+                raise click.ClickException(
+                    f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
+                    f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
+                )
+        for example, stored in zip(batch, store.add(texts, tokenized), strict=True):
+            kept = min(stored.length, cap) if cap else stored.length
+            encoded.append(Encoded(example.id, example.source, example.line, stored, kept))
     return encoded
 
 
@@ -292,7 +336,7 @@ def drop_over_length(encoded: list[Encoded], max_length: int, dropped: list[dict
     for row in encoded:
         if row.length > max_length:
             dropped.append(
-                {"source": row.example.source, "line": row.example.line, "id": row.example.id,
+                {"source": row.source, "line": row.line, "id": row.id,
                  "reason": "over_max_length", "detail": f"{row.length} tokens, over model.max_length {max_length}"}
             )  # fmt: skip
         else:
@@ -323,15 +367,16 @@ def shuffled(items: Sequence[T], seed: int) -> list[T]:
     """`items` in the order datasets' Dataset.shuffle(seed=seed) gives a table of them (the original's shuffle)."""
     if not items:
         return []
-    order = Dataset.from_dict({"position": range(len(items))}).shuffle(seed=seed)["position"]
-    return [items[position] for position in order]
+    order = Dataset.from_dict({"position": range(len(items))}).shuffle(seed=seed).with_format("numpy")[:]["position"]
+    return [items[position] for position in order.tolist()]
 
 
 def train_validation_split(items: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """datasets' train_test_split(test_size=validation_fraction, seed=seed) of a table of `items`."""
     positions = Dataset.from_dict({"position": range(len(items))})
     split = positions.train_test_split(test_size=validation_fraction, seed=seed)
-    return [items[p] for p in split["train"]["position"]], [items[p] for p in split["test"]["position"]]
+    train, test = (split[part].with_format("numpy")[:]["position"].tolist() for part in ("train", "test"))
+    return [items[p] for p in train], [items[p] for p in test]
 
 
 def rows_within(rows: list[Encoded], token_limit: int) -> int:
@@ -389,17 +434,14 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
 # --- writing --------------------------------------------------------------------------------------------------
 
 
-def write_parquet(rows: list[Encoded], path: Path, bos_token_id: int | None) -> None:
-    columns = {
-        "id": [row.example.id for row in rows],
-        "source": [row.example.source for row in rows],
-        "text": [row.example.text for row in rows],
-        "input_ids": [row.tokens.input_ids for row in rows],
-        "labels": [row.tokens.labels for row in rows],
-        "user_starts": [row.tokens.user_starts for row in rows],
-    }
+def write_parquet(rows: list[Encoded], store: TokenStore, path: Path, bos_token_id: int | None) -> None:
     schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
-    write_table(pa.Table.from_pydict(columns, schema=schema), path)
+    columns = {
+        "id": pa.array([row.id for row in rows], type=pa.string()),
+        "source": pa.array([row.source for row in rows], type=pa.string()),
+        **store.columns([row.stored for row in rows]),
+    }
+    write_table(pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), path)
 
 
 def echo_report(report: dict) -> None:
@@ -433,14 +475,25 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
     examples = drop_duplicates(examples, dropped)
 
     tokenizer = base_tokenizer(manifest_path)
-    encoded = encode(examples, tokenizer, params)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-tokens-", dir=out_dir.parent) as store_dir:
+        store = TokenStore(Path(store_dir))  # the tokens wait on disk: memory does not grow with the examples read
+        encoded = encode(examples, tokenizer, params, store)
+        del examples  # their texts are in the store now
+        mix_and_write(params, encoded, dropped, rows_in, tokenizer, store, out_dir, metrics_path)
+
+
+def mix_and_write(
+    params: Params, encoded: list[Encoded], dropped: list[dict], rows_in: dict[str, int],
+    tokenizer: PreTrainedTokenizerBase, store: TokenStore, out_dir: Path, metrics_path: Path,
+) -> None:  # fmt: skip
     max_length = params.model.max_length
     if params.pack.overflow == "drop":
         encoded = drop_over_length(encoded, max_length, dropped)
     if dropped and params.mix.on_bad_rows == "fail":
         stop_on_bad_rows(dropped, params)
 
-    by_source = {name: [row for row in encoded if row.example.source == name] for name in params.data.sources}
+    by_source = {name: [row for row in encoded if row.source == name] for name in params.data.sources}
     stop_on_empty_sources(by_source, dropped, params)
     mixed, report = sample(by_source, params)
     train, validation = train_validation_split(mixed, params.mix.validation_fraction, params.seed)
@@ -466,8 +519,8 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
     with atomic_output(out_dir) as scratch, atomic_output(metrics_path) as metrics_scratch:
         scratch.mkdir()
         bos = added_bos_id(tokenizer)
-        write_parquet(train, scratch / "train.parquet", bos)
-        write_parquet(validation, scratch / "validation.parquet", bos)
+        write_parquet(train, store, scratch / "train.parquet", bos)
+        write_parquet(validation, store, scratch / "validation.parquet", bos)
         with (scratch / "dropped.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in dropped)
         write_json(metrics_scratch, report)

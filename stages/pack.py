@@ -1,7 +1,9 @@
 """pack: lay the examples mix tokenized into rows of at most model.max_length tokens. pack never tokenizes.
 
 It reads `input_ids`, `labels` and `user_starts` of every example from data/mixed/*.parquet and writes rows of
-`input_ids`, `labels` (-100 where nothing is trained) and `seq_lengths`, TRL's padding-free format.
+`input_ids`, `labels` (-100 where nothing is trained) and `seq_lengths`, TRL's padding-free format. Tokens stay in
+flat numpy arrays from read to write (`TokenColumns`), a few bytes a token instead of a Python object each, and
+best-fit-decreasing finds a row in O(log max_length), so a million examples pack in seconds per million.
 
 Over-length examples, `pack.overflow`:
 - truncate: keep the first max_length tokens.
@@ -32,11 +34,15 @@ fill_ratio (real_tokens / (rows x max_length)).
 
 from __future__ import annotations
 
-import bisect
+import heapq
+import itertools
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -46,29 +52,100 @@ from stages.config import Params
 from stages.schemas import PACKED_SCHEMA, TokenizedExample, bos_token_id, read_parquet, write_parquet
 
 MIXED_COLUMNS = ["id", "input_ids", "labels", "user_starts"]
-# An example, or the part of one that fits a row.
+# An example, or the part of one that fits a row (the tests' and small callers' form; pack itself keeps columns).
 Piece = TokenizedExample
 
 
-def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bin indices of `lengths` into rows of at most `capacity` tokens, longest first, each into the fullest row
-    that still has room."""
+@dataclass(frozen=True)
+class TokenColumns:
+    """Examples as flat numpy columns, how pack holds them from read to write (no Python object per token):
+    example i's tokens are ids[offsets[i]:offsets[i + 1]], with their labels, and `user_start` marks the tokens
+    where a user turn's header starts."""
+
+    ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where nothing is trained
+    offsets: np.ndarray  # int64, one more than there are examples
+    user_start: np.ndarray  # bool
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_pieces(cls, pieces: Sequence[Piece]) -> TokenColumns:
+        lengths = np.fromiter((len(piece.input_ids) for piece in pieces), dtype=np.int64, count=len(pieces))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        user_start = np.zeros(int(offsets[-1]), dtype=bool)
+        for piece, start in zip(pieces, offsets[:-1]):
+            user_start[[start + index for index in piece.user_starts if 0 <= index < len(piece.input_ids)]] = True
+        flat = [token for piece in pieces for token in piece.input_ids]
+        labels = [label for piece in pieces for label in piece.labels]
+        return cls(np.array(flat, dtype=np.int32), np.array(labels, dtype=np.int32), offsets, user_start)
+
+    def pieces(self, starts: np.ndarray, ends: np.ndarray) -> list[Piece]:
+        return [
+            Piece(
+                self.ids[start:end].tolist(),
+                self.labels[start:end].tolist(),
+                (np.flatnonzero(self.user_start[start:end])).tolist(),
+            )
+            for start, end in zip(starts.tolist(), ends.tolist())
+        ]
+
+
+def best_fit_rows(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Bin indices of `lengths` into rows of at most `capacity` tokens, longest first (ties in index order), each into
+    the fullest row that still has room (the lowest-numbered one among equally full rows).
+
+    Rows are kept in buckets by the space they have left, a min-heap of row numbers per bucket, and a segment tree
+    over the buckets finds the smallest space that still fits in O(log capacity): n log(capacity) in all."""
+    size = 1 << max(capacity, 1).bit_length()  # leaves for spaces 0..capacity
+    tree = [0] * (2 * size)  # how many rows have a space in each node's range
+    buckets: list[list[int]] = [[] for _ in range(capacity + 1)]
     rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (space left, row index), sorted
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        slot = bisect.bisect_left(free, (lengths[index], -1))
-        if slot == len(free):
+
+    def add(space: int, row: int, delta: int) -> None:
+        if delta > 0:
+            heapq.heappush(buckets[space], row)
+        node = space + size
+        while node:
+            tree[node] += delta
+            node >>= 1
+
+    def smallest_space_at_least(length: int) -> int | None:
+        node = length + size
+        if tree[node]:
+            return length
+        while node > 1:
+            if not node & 1 and tree[node + 1]:  # a left child whose right sibling holds a row
+                node += 1
+                while node < size:
+                    node = 2 * node if tree[2 * node] else 2 * node + 1
+                return node - size
+            node >>= 1
+        return None
+
+    for index in np.argsort(-lengths, kind="stable").tolist():
+        length = int(lengths[index])
+        space = smallest_space_at_least(length) if length <= capacity else None
+        if space is None:
             rows.append([index])
-            space, row = capacity - lengths[index], len(rows) - 1
+            if length <= capacity:  # a longer one (callers cut them first) leaves no room for anything
+                add(capacity - length, len(rows) - 1, +1)
         else:
-            space, row = free.pop(slot)
+            row = heapq.heappop(buckets[space])
+            add(space, row, -1)
             rows[row].append(index)
-            space -= lengths[index]
-        bisect.insort(free, (space, row))
+            add(space - length, row, +1)
     return rows
 
 
-def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bin indices of `lengths` into rows of at most `capacity` tokens, longest first, each into the fullest row
+    that still has room."""
+    return best_fit_rows(np.asarray(lengths, dtype=np.int64), capacity)
+
+
+def next_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """The original "stacking": walk in order, start a new row when the next example would not fit."""
     rows: list[list[int]] = []
     used = capacity
@@ -81,85 +158,151 @@ def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def cut(examples: TokenColumns, starts: np.ndarray, capacity: int, overflow: str) -> tuple[np.ndarray, np.ndarray, Counter[str]]:
+    """Cut over-length examples (their tokens from `starts`) as `overflow` says; drop what has no label left.
+    Returns the kept pieces' (start, end) token positions, in example order, and the counts."""
+    ends = examples.offsets[1:]
+    lengths = ends - starts
+    split = (lengths > capacity) if overflow == "split" else np.zeros(len(lengths), dtype=bool)
+    # truncate: under drop, mix left no over-length example and read_split refuses one
+    pieces_per_example = np.where(split, -(-lengths // capacity), 1)
+    example_of = np.repeat(np.arange(len(lengths)), pieces_per_example)
+    first_piece = np.concatenate([[0], np.cumsum(pieces_per_example)[:-1]]).astype(np.int64)
+    piece_starts = starts[example_of] + (np.arange(len(example_of)) - first_piece[example_of]) * capacity
+    piece_ends = np.minimum(piece_starts + capacity, ends[example_of])
+    trained = has_label(examples.labels, piece_starts, piece_ends)
+    truncated = (lengths > capacity) & ~split
+    counts: Counter[str] = Counter(
+        truncated=int(trained[truncated[example_of]].sum()),  # an example cut and then dropped is counted as dropped
+        split=int(split.sum()),
+        split_pieces=int(pieces_per_example[split].sum()),
+        dropped_without_labels=int((~trained).sum()),
+    )
+    return piece_starts[trained], piece_ends[trained], counts
+
+
+def has_label(labels: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Whether each token range [start, end) holds a trained label."""
+    if not len(starts):
+        return np.zeros(0, dtype=bool)
+    labelled = np.append(labels != IGNORE_INDEX, False)  # the sentinel lets a range end at the last token
+    bounds = np.stack([starts, ends], axis=1).ravel()
+    return (np.logical_or.reduceat(labelled, bounds)[::2]) & (ends > starts)
+
+
 def fit(examples: list[Piece], capacity: int, overflow: str) -> tuple[list[Piece], Counter[str]]:
     """Cut over-length examples as `overflow` says; drop what has no label left. Returns the pieces and counts."""
-    pieces: list[Piece] = []
-    counts: Counter[str] = Counter(truncated=0, split=0, split_pieces=0, dropped_without_labels=0)
-    for example in examples:
-        length = len(example.input_ids)
-        if length > capacity and overflow == "split":
-            cuts = [example.cut(start, start + capacity) for start in range(0, length, capacity)]
-            counts.update(split=1, split_pieces=len(cuts))
-        elif length > capacity:  # truncate: under drop, mix left no over-length example and read_split refuses one
-            cuts = [example.cut(0, capacity)]
-            counts["truncated"] += cuts[0].trained  # an example cut and then dropped is counted once, as dropped
-        else:
-            cuts = [example]
-        kept = [piece for piece in cuts if piece.trained]
-        counts["dropped_without_labels"] += len(cuts) - len(kept)
-        pieces += kept
-    return pieces, counts
+    columns = TokenColumns.from_pieces(examples)
+    starts, ends, counts = cut(columns, columns.offsets[:-1], capacity, overflow)
+    return columns.pieces(starts, ends), counts
 
 
-def stacked_labels(stack: list[Piece]) -> list[int]:
-    """The original's labels over one stacked row: each run from an assistant turn to the next user turn."""
-    labels: list[int] = []
-    in_response = False
-    for piece in stack:
-        user_starts = set(piece.user_starts)
-        for index, (token, label) in enumerate(zip(piece.input_ids, piece.labels, strict=True)):
-            if index in user_starts:
-                in_response = False
-            if label != IGNORE_INDEX:
-                in_response = True
-            labels.append(token if in_response else IGNORE_INDEX)
-    return labels
+def stacked_labels(ids: np.ndarray, labels: np.ndarray, user_start: np.ndarray, row_starts: np.ndarray) -> np.ndarray:
+    """The original's labels over stacked rows laid end to end: each run from an assistant turn to the next user
+    turn; a row starts with no run open. A labelled token opens (or continues) a run, a user turn's header closes it."""
+    event = np.where(labels != IGNORE_INDEX, 1, np.where(user_start, 0, -1)).astype(np.int8)
+    event[row_starts] = np.maximum(event[row_starts], 0)
+    last_event = np.maximum.accumulate(np.where(event >= 0, np.arange(len(event)), 0))
+    return np.where(event[last_event] == 1, ids, IGNORE_INDEX)
+
+CHUNK_TOKENS = 1 << 22  # rows are laid out this many tokens at a time, to bound the temporary index arrays
 
 
-def without_bos(example: Piece, bos: int) -> Piece:
-    if not example.input_ids or example.input_ids[0] != bos:
-        return example
-    return example.cut(1, len(example.input_ids))
+def row_chunks(row_offsets: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive ranges of rows of about CHUNK_TOKENS tokens each."""
+    bounds = np.searchsorted(row_offsets, np.arange(0, int(row_offsets[-1]), CHUNK_TOKENS), side="right") - 1
+    bounds = sorted(set(bounds.tolist()) | {len(row_offsets) - 1})
+    return list(itertools.pairwise(bounds))
 
 
-def pack_split(
-    examples: list[Piece], params: Params, bos: int | None = None
-) -> tuple[dict[str, list[list[int]]], dict]:
+def lay_out(
+    examples: TokenColumns, starts: np.ndarray, lengths: np.ndarray, row_of: np.ndarray, row_offsets: np.ndarray,
+    bos: int | None, stacked: bool, ids: np.ndarray, labels: np.ndarray,
+) -> None:  # fmt: skip
+    """Write the tokens of consecutive rows into `ids` and `labels`: the pieces (`starts`, `lengths`, in row order)
+    end to end, with a BOS before each row if `bos`. `row_offsets` are where the rows start, and `row_of` each
+    piece's row, counted from the first of these rows."""
+    base = row_offsets[0]
+    row_bos = bos is not None
+    # Where each piece's first token goes: after the pieces before it, and one BOS per row up to and including its own.
+    destinations = np.cumsum(lengths) - lengths + (row_of - row_of[0] + 1) * row_bos if len(lengths) else lengths
+    taken = np.arange(len(ids))
+    if row_bos:
+        is_bos = np.zeros(len(ids), dtype=bool)
+        is_bos[row_offsets[:-1] - base] = True
+        taken = taken[~is_bos]
+        ids[is_bos] = bos
+        labels[is_bos] = IGNORE_INDEX
+    sources = np.repeat(starts - destinations, lengths) + taken
+    ids[taken] = examples.ids[sources]
+    labels[taken] = examples.labels[sources]
+    if stacked:
+        user_start = np.zeros(len(ids), dtype=bool)
+        user_start[taken] = examples.user_start[sources]
+        labels[:] = stacked_labels(ids, labels, user_start, row_offsets[:-1] - base)
+
+
+def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int64()))
+
+
+def pack_columns(examples: TokenColumns, params: Params, bos: int | None = None) -> tuple[pa.Table, dict]:
     """Rows of `examples`, and their counts. `bos`: the BOS id the tokenizer put before every example, if any."""
     capacity = params.model.max_length
     stacked = params.pack.strategy == "stacked"
-    row_bos = [bos] if stacked and bos is not None else []  # stacked: one BOS a row, as the original tokenized it
+    row_bos = 1 if stacked and bos is not None else 0  # stacked: one BOS a row, as the original tokenized it
+    starts = examples.offsets[:-1].copy()
     if row_bos:
-        examples = [without_bos(example, bos) for example in examples]
-    pieces, counts = fit(examples, capacity - len(row_bos), params.pack.overflow)
-    lengths = [len(piece.input_ids) for piece in pieces]
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "seq_lengths": []}
-    for members in (next_fit if stacked else best_fit_decreasing)(lengths, capacity - len(row_bos)):
-        row = [pieces[m] for m in members]
-        rows["input_ids"].append(row_bos + [token for piece in row for token in piece.input_ids])
-        if stacked:
-            rows["labels"].append([IGNORE_INDEX] * len(row_bos) + stacked_labels(row))
-            rows["seq_lengths"].append([len(row_bos) + sum(lengths[m] for m in members)])
-        else:
-            rows["labels"].append([label for piece in row for label in piece.labels])
-            rows["seq_lengths"].append([lengths[m] for m in members])
+        nonempty = examples.offsets[1:] > starts
+        starts[nonempty] += examples.ids[starts[nonempty]] == bos
+    piece_starts, piece_ends, counts = cut(examples, starts, capacity - row_bos, params.pack.overflow)
+    lengths = piece_ends - piece_starts
+    members = (next_fit(lengths.tolist(), capacity - row_bos) if stacked else best_fit_rows(lengths, capacity - row_bos))
+    order = np.fromiter((m for row in members for m in row), dtype=np.int64, count=len(lengths))
+    pieces_per_row = np.fromiter((len(row) for row in members), dtype=np.int64, count=len(members))
+    ordered_lengths = lengths[order]
+    row_of = np.repeat(np.arange(len(members)), pieces_per_row)
+    row_lengths = np.bincount(row_of, weights=ordered_lengths, minlength=len(members)).astype(np.int64) + row_bos
+    row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
+    piece_offsets = np.concatenate([[0], np.cumsum(pieces_per_row)]).astype(np.int64)
+    ids = np.empty(int(row_offsets[-1]), dtype=np.int64)
+    labels = np.empty(len(ids), dtype=np.int64)
+    for first, last in row_chunks(row_offsets):
+        pieces = order[piece_offsets[first] : piece_offsets[last]]
+        lay_out(examples, piece_starts[pieces], lengths[pieces], row_of[piece_offsets[first] : piece_offsets[last]],
+                row_offsets[first : last + 1], bos if row_bos else None, stacked,
+                ids[row_offsets[first] : row_offsets[last]], labels[row_offsets[first] : row_offsets[last]])  # fmt: skip
+    if stacked:
+        seq_offsets, seq_lengths = np.arange(len(members) + 1), row_lengths
+    else:
+        seq_offsets, seq_lengths = piece_offsets, ordered_lengths
+    table = pa.Table.from_arrays(
+        [list_array(row_offsets, ids), list_array(row_offsets, labels), list_array(seq_offsets, seq_lengths)],
+        schema=PACKED_SCHEMA,
+    )
 
-    real_tokens = sum(len(ids) for ids in rows["input_ids"])
-    slots = len(rows["input_ids"]) * capacity
+    real_tokens = int(row_offsets[-1])
+    slots = len(members) * capacity
     metrics = {
         "examples": len(examples),
         **counts,
-        "packed_examples": len(pieces),
-        "rows": len(rows["input_ids"]),
+        "packed_examples": len(lengths),
+        "rows": len(members),
         "real_tokens": real_tokens,
-        "trained_tokens": sum(label != IGNORE_INDEX for labels in rows["labels"] for label in labels),
+        "trained_tokens": int((labels != IGNORE_INDEX).sum()),
         "padded_slots": slots - real_tokens,
         "fill_ratio": round(real_tokens / slots, 4) if slots else 0.0,
     }
-    return rows, metrics
+    return table, metrics
 
 
-def read_split(path: Path, params: Params) -> tuple[list[Piece], int | None]:
+def pack_split(examples: list[Piece], params: Params, bos: int | None = None) -> tuple[dict[str, list[list[int]]], dict]:
+    """`pack_columns` of examples given one by one, its rows as Python lists."""
+    table, metrics = pack_columns(TokenColumns.from_pieces(examples), params, bos)
+    return table.to_pydict(), metrics
+
+
+def read_split(path: Path, params: Params) -> tuple[TokenColumns, int | None]:
     """The examples of one mixed split and the BOS id they start with; a malformed file, or a row pack must not see,
     stops the stage."""
     try:
@@ -171,20 +314,42 @@ def read_split(path: Path, params: Params) -> tuple[list[Piece], int | None]:
     missing = [name for name in MIXED_COLUMNS if name not in schema.names]
     if missing:
         raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun mix")
-    columns = read_parquet(path, MIXED_COLUMNS, rerun="mix").to_pydict()
+    table = read_parquet(path, MIXED_COLUMNS, rerun="mix").combine_chunks()
+    ids, labels, user_starts = (table.column(name).chunk(0) if table.num_rows else None for name in MIXED_COLUMNS[1:])
+    if ids is None:
+        empty = np.zeros(0, dtype=np.int32)
+        return TokenColumns(empty, empty, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=bool)), bos_token_id(schema)
+    offsets = ids.offsets.to_numpy().astype(np.int64)
+    lengths, label_lengths = np.diff(offsets), np.diff(labels.offsets.to_numpy())
     capacity = params.model.max_length
-    examples = []
-    for index, (row_id, ids, labels, user_starts) in enumerate(zip(*(columns[name] for name in MIXED_COLUMNS))):
-        where = f"{path} row {index} (id {row_id})"
-        if len(ids) != len(labels):
-            raise click.ClickException(f"{where}: {len(ids)} input_ids but {len(labels)} labels; rerun mix")
-        if params.pack.overflow == "drop" and len(ids) > capacity:
+
+    def where(index: int) -> str:
+        return f"{path} row {index} (id {table.column('id')[index].as_py()})"
+
+    for index in np.flatnonzero(lengths != label_lengths)[:1].tolist():
+        raise click.ClickException(
+            f"{where(index)}: {lengths[index]} input_ids but {label_lengths[index]} labels; rerun mix"
+        )
+    if params.pack.overflow == "drop":
+        for index in np.flatnonzero(lengths > capacity)[:1].tolist():
             raise click.ClickException(
-                f"{where}: {len(ids)} tokens, over model.max_length {capacity} under pack.overflow: drop; "
-                "rerun mix, which drops such rows"
+                f"{where(index)}: {lengths[index]} tokens, over model.max_length {capacity} under pack.overflow: "
+                "drop; rerun mix, which drops such rows"
             )
-        examples.append(Piece(ids, labels, user_starts))
-    return examples, bos_token_id(schema)
+    flat_ids = ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
+    label_offsets = labels.offsets.to_numpy()
+    flat_labels = labels.values.to_numpy(zero_copy_only=False)[label_offsets[0] : label_offsets[-1]]
+    offsets -= offsets[0]
+    user_start = np.zeros(len(flat_ids), dtype=bool)
+    starts_per_row = np.diff(user_starts.offsets.to_numpy())
+    starts_offsets = user_starts.offsets.to_numpy()
+    in_row = user_starts.values.to_numpy(zero_copy_only=False)[starts_offsets[0] : starts_offsets[-1]].astype(np.int64)
+    row_of = np.repeat(np.arange(len(lengths)), starts_per_row)
+    inside = (in_row >= 0) & (in_row < lengths[row_of])
+    user_start[offsets[row_of[inside]] + in_row[inside]] = True
+    columns = TokenColumns(flat_ids.astype(np.int32, copy=False), flat_labels.astype(np.int32, copy=False), offsets,
+                           user_start)  # fmt: skip
+    return columns, bos_token_id(schema)
 
 
 def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> None:
@@ -193,13 +358,15 @@ def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> N
         scratch.mkdir()
         for split in ("train", "validation"):
             examples, bos = read_split(mixed_dir / f"{split}.parquet", params)
-            rows, counts = pack_split(examples, params, bos)
-            if not rows["input_ids"]:
+            table, counts = pack_columns(examples, params, bos)
+            del examples
+            if not table.num_rows:
                 raise click.ClickException(
                     f"pack: no {split} rows left: none of its {counts['examples']} examples keeps a labelled token "
                     f"within model.max_length {params.model.max_length}; see pack.overflow"
                 )
-            write_parquet(pa.Table.from_pydict(rows, schema=PACKED_SCHEMA), scratch / f"{split}.parquet")
+            write_parquet(table, scratch / f"{split}.parquet")
+            del table
             report[split] = counts
             click.echo(
                 f"pack: {split}: {counts['packed_examples']} examples -> {counts['rows']} rows, "

@@ -17,8 +17,8 @@ from datasets import Dataset, concatenate_datasets
 from stages import mix
 from stages.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
-from stages.mix import BadRow, Encoded, Example, friction_messages, friction_text, tokenize
-from stages.schemas import TokenizedExample
+from stages.mix import BadRow, Encoded, friction_messages, friction_text, tokenize
+from stages.token_store import Stored
 from stages.tokens import load_tokenizer
 
 # original-recipe.md section 3, verbatim.
@@ -521,7 +521,7 @@ def test_over_length_rows_are_kept_and_counted_for_pack(workspace: Path, make_pa
 def stub_rows(source: str, lengths: list[int]) -> list[Encoded]:
     """Encoded rows of the given token counts (ids are never looked at by sampling)."""
     return [
-        Encoded(Example(f"{source}{i}", source, i + 1, ""), TokenizedExample([0] * n, [0] * n, []), n)
+        Encoded(f"{source}{i}", source, i + 1, Stored(0, i, n, 0, 0), n)
         for i, n in enumerate(lengths)
     ]
 

@@ -17,13 +17,13 @@ import torch
 from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM
 
-from stages import pack
+from stages import mix, pack
 from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from stages.config import PackParams, Params
-from stages import mix
-from stages.mix import Encoded, Example, friction_text, tokenize, write_parquet
-from stages.tokens import load_tokenizer
+from stages.mix import Encoded, friction_text, tokenize, write_parquet
 from stages.pack import Piece, best_fit_decreasing, next_fit, pack_split
+from stages.token_store import TokenStore
+from stages.tokens import load_tokenizer
 
 SHORT = render([
     {"role": "user", "content": "Hi"},
@@ -330,15 +330,18 @@ def test_packed_logits_equal_unpacked_logits(tokenizer, model, demo_params: Para
 # --- run: files in, files out ---------------------------------------------------------------------------------
 
 
+STORE = TokenStore()  # in memory
+
+
 def encoded(row_id: str, text: str, tokens: Piece) -> Encoded:
-    return Encoded(Example(row_id, "s", 1, text), tokens, len(tokens.input_ids))
+    return Encoded(row_id, "s", 1, STORE.add([text], [tokens])[0], len(tokens.input_ids))
 
 
 def write_mixed(root: Path, tokenizer, train: list, validation: list) -> None:
     (root / "data/mixed").mkdir(parents=True)
     for split, texts in (("train", train), ("validation", validation)):
         rows = [encoded(str(i), text, tokenize(text, tokenizer)) for i, text in enumerate(texts)]
-        write_parquet(rows, root / f"data/mixed/{split}.parquet", tokenizer.bos_token_id)
+        write_parquet(rows, STORE, root / f"data/mixed/{split}.parquet", tokenizer.bos_token_id)
 
 
 def run_pack(params: Params) -> None:
@@ -371,7 +374,7 @@ def test_run_packs_the_token_ids_it_reads(tmp_path: Path, monkeypatch: pytest.Mo
     for split in ("train", "validation"):
         pieces = [PROMPT_FIRST, FITS] if split == "train" else [ANSWER_FIRST]
         rows = [encoded(str(i), "", piece) for i, piece in enumerate(pieces)]
-        write_parquet(rows, tmp_path / f"data/mixed/{split}.parquet", None)
+        write_parquet(rows, STORE, tmp_path / f"data/mixed/{split}.parquet", None)
     run_pack(with_pack(demo_params, 64))
 
     train = pq.read_table(tmp_path / "data/packed/train.parquet").to_pylist()
@@ -401,8 +404,8 @@ def test_over_length_example_under_drop_means_mix_is_stale(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/mixed").mkdir(parents=True)
-    write_parquet([encoded("a", "", FITS)], tmp_path / "data/mixed/train.parquet", None)
-    write_parquet([encoded("b7", "", PROMPT_FIRST)], tmp_path / "data/mixed/validation.parquet", None)
+    write_parquet([encoded("a", "", FITS)], STORE, tmp_path / "data/mixed/train.parquet", None)
+    write_parquet([encoded("b7", "", PROMPT_FIRST)], STORE, tmp_path / "data/mixed/validation.parquet", None)
     params = with_pack(demo_params, 64, overflow="drop")
     params = params.model_copy(update={"model": params.model.model_copy(update={"max_length": 8})})
 

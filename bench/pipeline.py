@@ -1,0 +1,156 @@
+"""The pipeline on the demo, as `make demo` runs it: each stage's time in one `dvc repro`, a no-op `dvc repro` against
+`dvc status`, tokenization passes per example counted over every stage, and evaluation's batched generation against
+one prompt at a time.
+
+Tokenization is counted by a probe (bench/probe/sitecustomize.py) that logs every text the fast tokenizer encodes in a
+`friction` process; an example's pass count is how many logged texts are exactly its text (data/mixed's `text`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from ruamel.yaml import YAML
+
+from bench.common import DEMO_BASE, REPO, bench_env, interleaved, ratio, run_measured, stage_command
+
+PROBE = Path(__file__).resolve().parent / "probe"
+STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
+
+
+def demo_copy(path: Path) -> Path:
+    """What `make demo` makes: a git repository holding this working tree with recipes/demo.yaml as params.yaml."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, path / name)
+    shutil.copyfile(REPO / "recipes/demo.yaml", path / "params.yaml")
+    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
+        subprocess.run(command, cwd=path, check=True)
+    return path
+
+
+def probe_env(log: Path) -> dict[str, str]:
+    return {"FRICTION_BENCH_PROBE": str(log), "PYTHONPATH": os.pathsep.join(filter(None, [str(PROBE), str(REPO)]))}
+
+
+def timed_repro(workspace: Path, env: dict[str, str]) -> dict[str, float]:
+    """One `dvc repro`, and the seconds from each stage's start to the next one's (the last one's to the end)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(["dvc", "repro"], cwd=workspace, env={**bench_env(), **env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    starts: list[tuple[str, float]] = []
+    lines = []
+    for line in process.stdout or []:
+        lines.append(line)
+        if line.startswith("Running stage '"):
+            starts.append((line.split("'")[1], time.perf_counter()))
+    if process.wait():
+        raise RuntimeError("dvc repro failed:\n" + "".join(lines[-60:]))
+    end = time.perf_counter()
+    times = {name: (starts[i + 1][1] if i + 1 < len(starts) else end) - began for i, (name, began) in enumerate(starts)}
+    return {**times, "total": end - start}
+
+
+def tokenization_passes(workspace: Path, log: Path) -> dict[str, Any]:
+    texts = [text for split in ("train", "validation")
+             for text in pq.read_table(workspace / f"data/mixed/{split}.parquet", columns=["text"])["text"].to_pylist()]  # fmt: skip
+    import hashlib
+
+    examples = {hashlib.sha256(text.encode()).hexdigest() for text in texts}
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    tokenized = [record for record in records if "tokenized" in record]
+    per_example = Counter(record["tokenized"] for record in tokenized if record["tokenized"] in examples)
+    by_stage: dict[str, dict[str, int]] = {}
+    for record in tokenized:
+        counts = by_stage.setdefault(record["stage"], {"example_texts": 0, "other_texts": 0})
+        counts["example_texts" if record["tokenized"] in examples else "other_texts"] += 1
+    passes = [per_example.get(example, 0) for example in examples]
+    return {"examples": len(examples), "min_passes": min(passes), "max_passes": max(passes),
+            "mean_passes": sum(passes) / len(passes), "texts_tokenized_by_stage": by_stage}  # fmt: skip
+
+
+EVAL_PROMPTS = 4  # one prompt at a time is slow: the comparison answers this many prompts, both ways
+
+
+def set_eval_batch(workspace: Path, batch_size: int) -> None:
+    yaml = YAML()
+    params = yaml.load(workspace / "params.yaml")
+    params["evaluate"]["batch_size"] = batch_size
+    params["evaluate"]["max_prompts"] = EVAL_PROMPTS
+    yaml.dump(params, workspace / "params.yaml")
+
+
+def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
+    """`friction evaluate` answering EVAL_PROMPTS prompts in one batch against one at a time: stage seconds, and the
+    seconds in generation and in validation loss (from the probe)."""
+    batch = EVAL_PROMPTS
+    original = (workspace / "params.yaml").read_text()
+    timers: dict[str, list[dict[str, float]]] = {"batched": [], "one_at_a_time": []}
+
+    def variant(name: str, batch_size: int) -> float:
+        set_eval_batch(workspace, batch_size)
+        log = scratch / f"eval-{name}-{len(timers[name])}.jsonl"
+        log.unlink(missing_ok=True)
+        command = stage_command("evaluate", samples=scratch / "samples.jsonl", metrics=scratch / "evaluate.json")
+        run = run_measured(command, workspace, probe_env(log))
+        seconds: dict[str, float] = Counter()
+        for record in map(json.loads, log.read_text().splitlines()):
+            if "timer" in record:
+                seconds[record["timer"]] += record["seconds"]
+        timers[name].append(dict(seconds))
+        return run.seconds
+
+    try:
+        stage = interleaved(runs, batched=lambda: variant("batched", batch),
+                            one_at_a_time=lambda: variant("one_at_a_time", 1))  # fmt: skip
+    finally:
+        (workspace / "params.yaml").write_text(original)
+    generation = {name: [t["generate"] for t in values] for name, values in timers.items()}
+    loss = {name: [t["validation_loss"] for t in values] for name, values in timers.items()}
+    from bench.common import spread
+
+    generation_spread = {name: spread(values) for name, values in generation.items()}
+    return {
+        "prompts": EVAL_PROMPTS,
+        "stage_seconds": stage,
+        "generation_seconds": generation_spread,
+        "validation_loss_seconds": {name: spread(values) for name, values in loss.items()},
+        "one_at_a_time_over_batched_generation": ratio(generation_spread["one_at_a_time"],
+                                                       generation_spread["batched"]),  # fmt: skip
+    }
+
+
+def run(scratch: Path, runs: int) -> dict[str, Any]:
+    workspace = demo_copy(scratch / "pipeline")
+    log = scratch / "tokenization.jsonl"
+    log.unlink(missing_ok=True)
+    demo_base = run_measured(["friction", "demo-base", "--out", DEMO_BASE], workspace)
+    stages = timed_repro(workspace, probe_env(log))
+    passes = tokenization_passes(workspace, log)
+    noop = interleaved(
+        runs,
+        repro=lambda: run_measured(["dvc", "repro"], workspace).seconds,
+        status=lambda: run_measured(["dvc", "status"], workspace).seconds,
+    )
+    return {
+        "make_demo_seconds": {"demo_base": demo_base.seconds, **stages},
+        "noop_repro_vs_status": {**noop, "repro_over_status": ratio(noop["repro"], noop["status"])},
+        "tokenization": passes,
+        "evaluation": evaluation(workspace, runs, scratch),
+    }

@@ -1,0 +1,80 @@
+"""A probe the pipeline benchmark puts on PYTHONPATH: in a `friction` process with FRICTION_BENCH_PROBE set to a file,
+it logs every text transformers' fast tokenizer encodes (by sha256; every `tokenizer(...)`, `encode` and
+`apply_chat_template(tokenize=True)` goes through `TokenizersBackend._encode_plus`), and the seconds evaluate spends
+in validation loss and in generation. Anything else runs untouched; modules are patched only once they are imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import time
+from typing import Any
+
+LOG = os.environ.get("FRICTION_BENCH_PROBE")
+STAGE = sys.argv[1] if len(sys.argv) > 1 else ""
+
+
+def log(record: dict[str, Any]) -> None:
+    with open(LOG, "a", encoding="utf-8") as handle:  # type: ignore[arg-type]
+        handle.write(json.dumps({"stage": STAGE, **record}) + "\n")
+
+
+def texts_of(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+        return list(value)
+    return []  # pre-tokenized input: no text is tokenized
+
+
+def patch_tokenizer(module: Any) -> None:
+    original = module.TokenizersBackend._encode_plus
+
+    def counted(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+        for item in texts_of(text):
+            log({"tokenized": hashlib.sha256(item.encode()).hexdigest(), "chars": len(item)})
+        return original(self, text, *args, **kwargs)
+
+    module.TokenizersBackend._encode_plus = counted
+
+
+def patch_evaluate(module: Any) -> None:
+    for name in ("validation_loss", "generate"):
+        original = getattr(module, name)
+
+        def timed(*args: Any, __original: Any = original, __name: str = name, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            result = __original(*args, **kwargs)
+            log({"timer": __name, "seconds": time.perf_counter() - start})
+            return result
+
+        setattr(module, name, timed)
+
+
+PATCHES = {"transformers.tokenization_utils_tokenizers": patch_tokenizer, "stages.evaluate": patch_evaluate}
+
+
+class PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name not in PATCHES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module: Any) -> None:
+            exec_module(module)
+            PATCHES[name](module)
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
+
+
+if LOG and os.path.basename(sys.argv[0]) == "friction":
+    sys.meta_path.insert(0, PatchOnImport())
