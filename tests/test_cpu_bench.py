@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 from bench import packing, pipeline, report
-from bench.common import interleaved, ratio
+from bench.common import interleaved, ratio, stage_command
 from stages.config import Params
 
 
@@ -31,7 +31,7 @@ def test_the_probe_counts_each_mixed_example_tokenized_once(demo_workspace: Call
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **pipeline.probe_env(log),
            "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     for stage in ("mix", "pack"):
-        subprocess.run(["friction", stage], cwd=workspace, env=env, check=True, capture_output=True)
+        subprocess.run(stage_command(stage), cwd=workspace, env=env, check=True, capture_output=True)
     passes = pipeline.tokenization_passes(workspace, log)
     mixed = json.loads((workspace / "metrics/mix.json").read_text())
     assert passes["examples"] == mixed["train"] + mixed["validation"]
