@@ -1,4 +1,4 @@
-# make demo: the whole pipeline on bundled sample data and a tiny model, CPU, offline (~3 min after install)
+# make demo: the whole pipeline on bundled sample data and a tiny model, CPU, offline (~40 s after install)
 # make test: the test suite (what CI runs)
 # make train / make repro: the recipe in params.yaml (the seed card's: needs a CUDA GPU and the Hub)
 # make remote URL=...: the DVC remote every clone and experiment uses; make pull; make compare; make release VERSION=v1.0.0

@@ -39,7 +39,7 @@ from stages.config import load_params  # noqa: E402
 def main(runs: int, scaling_sizes: str, single_run_from: int, scratch: Path, results: Path, benchmarks: Path,
          only: str, resume: Path | None, render_only: Path | None) -> None:  # fmt: skip
     if render_only:
-        report.update_benchmarks(benchmarks, json.loads(render_only.read_text()), render_only.relative_to(REPO))
+        report.update_benchmarks(benchmarks, json.loads(render_only.read_text()), render_only.resolve().relative_to(REPO))
         return
     result: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "seconds": {}}
     if resume:
