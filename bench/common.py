@@ -25,14 +25,10 @@ PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "tokenizers", "p
 
 
 def stage_command(stage: str, **paths: Path | str) -> list[str]:
-    """`friction <stage>` as dvc.yaml's cmd line runs it, with some of its paths replaced (`metrics="x.json"` sets
-    --metrics), so a bench writes beside the workspace's own outputs instead of over them."""
+    """`friction <stage>` as this repository's dvc.yaml runs it, with `paths` replaced (see stage_argv)."""
     from stages.pipeline import stage_argv
 
-    argv = stage_argv(stage, REPO / "dvc.yaml")
-    for name, value in paths.items():
-        argv[argv.index("--" + name.replace("_", "-")) + 1] = str(value)
-    return argv
+    return stage_argv(stage, REPO / "dvc.yaml", **paths)
 
 
 def spread(values: list[float]) -> dict[str, Any]:

@@ -26,12 +26,19 @@ def read_dvc_yaml(path: Path = DVC_YAML) -> dict[str, Any]:
         raise click.ClickException(f"{path}: not valid YAML ({error})") from None
 
 
-def stage_argv(stage: str, path: Path = DVC_YAML) -> list[str]:
-    """The command line dvc.yaml runs for `stage`, as arguments (e.g. ["friction", "mix", "--raw", "data/raw", ...])."""
+def stage_argv(stage: str, path: Path = DVC_YAML, **paths: Path | str) -> list[str]:
+    """The command line dvc.yaml runs for `stage`, as arguments (e.g. ["friction", "mix", "--raw", "data/raw", ...]).
+
+    `paths` replace some of its paths (`metrics="x.json"` sets --metrics), e.g. so that a benchmark writes beside a
+    workspace's own outputs instead of over them.
+    """
     stages = read_dvc_yaml(path).get("stages", {})
     if stage not in stages:
         raise click.ClickException(f"{path}: no stage {stage!r} (stages: {', '.join(stages)})")
-    return shlex.split(stages[stage]["cmd"])
+    argv = shlex.split(stages[stage]["cmd"])
+    for name, value in paths.items():
+        argv[argv.index("--" + name.replace("_", "-")) + 1] = str(value)
+    return argv
 
 
 def artifact_path(name: str = ARTIFACT, path: Path = DVC_YAML) -> Path:
