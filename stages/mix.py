@@ -34,13 +34,12 @@ what pack will train on: under `pack.overflow: truncate`, at most model.max_leng
 
 from __future__ import annotations
 
-import bisect
 import hashlib
+import itertools
 import json
 import re
-import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -49,6 +48,7 @@ import click
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset
+from tokenizers import Encoding
 from transformers import PreTrainedTokenizerBase
 
 from stages.artifacts import atomic_output, base_model_reference, read_json, write_json
@@ -63,9 +63,9 @@ from stages.chatml import (
     user_starts,
 )
 from stages.config import Params
-from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, write_parquet as write_table
+from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, row_groups, write_row_groups
 from stages.token_store import Stored, TokenArrays, TokenStore
-from stages.tokens import load_tokenizer
+from stages.tokens import encode_texts, load_tokenizer
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -85,7 +85,7 @@ class BadRow(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Example:
     id: str
     source: str
@@ -93,7 +93,7 @@ class Example:
     text: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Encoded:
     """An example tokenized: where it came from, and where its text and tokens wait until mix writes them."""
 
@@ -165,11 +165,9 @@ def reluctance_text(row: dict) -> str:
     return text
 
 
-def read_source(path: Path, name: str, source_format: str, system_prompt: str) -> tuple[list[Example], list[dict]]:
-    """Parse one fetched source; return its examples and a record for every row dropped."""
-    if not path.is_file():
-        raise click.ClickException(f"{path}: missing, though the fetch manifest lists source {name!r}; rerun fetch")
-    examples, dropped = [], []
+def read_source(path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict]) -> Iterator[Example]:
+    """Parse one fetched source a line at a time: yield its examples, and add a record to `dropped` for every row
+    that cannot be trained on."""
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if line_number == 1 and raw.startswith(UTF8_BOM):  # an editor's byte-order mark, not part of the row
@@ -194,24 +192,24 @@ def read_source(path: Path, name: str, source_format: str, system_prompt: str) -
                 continue
             row_id = row.get("id")
             row_id = str(row_id) if row_id is not None else f"{name}:{line_number}"
-            examples.append(Example(row_id, name, line_number, text))
-    return examples, dropped
+            yield Example(row_id, name, line_number, text)
 
 
-def drop_duplicates(examples: list[Example], dropped: list[dict]) -> list[Example]:
-    """Keep the first of examples whose text is identical, within and across sources."""
-    seen: dict[str, Example] = {}
+def unique(examples: Iterable[Example], duplicates: list[dict]) -> Iterator[Example]:
+    """The first of examples whose text is identical, within and across sources; a record in `duplicates` for each
+    other one. Only a digest of each text is kept."""
+    first_of: dict[bytes, tuple[str, int, str]] = {}
     for example in examples:
-        key = hashlib.sha256(example.text.encode()).hexdigest()
-        if key in seen:
-            first = seen[key]
-            dropped.append(
-                {"source": example.source, "line": example.line, "id": example.id, "reason": "duplicate",
-                 "detail": f"duplicate of {first.source} line {first.line} (id {first.id})"}
-            )  # fmt: skip
+        key = hashlib.sha256(example.text.encode()).digest()
+        first = first_of.get(key)
+        if first is None:
+            first_of[key] = (example.source, example.line, example.id)
+            yield example
         else:
-            seen[key] = example
-    return list(seen.values())
+            duplicates.append(
+                {"source": example.source, "line": example.line, "id": example.id, "reason": "duplicate",
+                 "detail": f"duplicate of {first[0]} line {first[1]} (id {first[2]})"}
+            )  # fmt: skip
 
 
 # --- tokenizing -----------------------------------------------------------------------------------------------
@@ -221,29 +219,47 @@ ENCODE_BATCH = 256
 """Texts per call of the fast tokenizer: its Rust side encodes (and decodes) a batch on all cores at once."""
 
 
-def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[TokenArrays]:
-    """Token ids of each text with the special tokens the tokenizer adds (its BOS), labelled where a token starts
-    inside an assistant span. Tokens the tokenizer adds have empty offsets and are never trained."""
-    encoding = tokenizer(list(texts), return_offsets_mapping=True)
+def token_holding(encoding: Encoding, position: int, text_length: int) -> int:
+    """The index of the first token holding character `position` (char_to_token gives the first of the byte-level
+    pieces of a split character), or of the first token after it when none holds it (whitespace that trimmed offsets
+    leave out); len(encoding) if there is none."""
+    while position < text_length:
+        token = encoding.char_to_token(position)
+        if token is not None:
+            return token
+        position += 1
+    return len(encoding)
+
+
+def first_token_from(encoding: Encoding, position: int, text_length: int) -> int:
+    """The index of the first token whose text starts at or after character `position` (len(encoding) if none)."""
+    token = token_holding(encoding, position, text_length)
+    while token < len(encoding) and encoding.token_to_chars(token)[0] < position:
+        token += 1  # the token holding `position` starts before it
+    return token
+
+
+def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], TokenArrays]]:
+    """Each text's token ids (a list, for the round-trip check) with the special tokens the tokenizer adds (its BOS),
+    and its TokenArrays: labelled where a token starts inside an assistant span; user_starts the first token holding each
+    user header's first character. Token boundaries come from the Rust encoding's char_to_token at the few span
+    edges, not from every token's offsets, whose conversion to Python would cost a third of the encoding itself."""
     out = []
-    for text, token_ids, token_offsets in zip(texts, encoding["input_ids"], encoding["offset_mapping"], strict=True):
+    for text, encoding in zip(texts, encode_texts(tokenizer, texts), strict=True):
+        token_ids = encoding.ids
         ids = np.array(token_ids, dtype=np.int32)
-        offsets = np.array(token_offsets, dtype=np.int64).reshape(-1, 2)
-        starts, ends = offsets[:, 0], offsets[:, 1]
-        spans = np.array(assistant_spans(text), dtype=np.int64).reshape(-1, 2)  # in order, never overlapping
-        span = np.searchsorted(spans[:, 0], starts, side="right") - 1  # the last span starting at or before a token
-        inside = (span >= 0) & (starts < np.append(spans[:, 1], 0)[span])
-        labels = np.where((ends > starts) & inside, ids, IGNORE_INDEX).astype(np.int32)
-        # A user turn starts at the token holding its header's first character (or the first token after it).
-        token_ends = np.where(ends > starts, ends, 0)
-        turn_starts = [bisect.bisect_right(token_ends, start) for start in user_starts(text)]  # type: ignore[call-overload]
-        out.append(TokenArrays(ids, labels, np.array(turn_starts, dtype=np.int32)))
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        for start, end in assistant_spans(text):
+            first, stop = first_token_from(encoding, start, len(text)), first_token_from(encoding, end, len(text))
+            labels[first:stop] = ids[first:stop]
+        turn_starts = [token_holding(encoding, start, len(text)) for start in user_starts(text)]
+        out.append((token_ids, TokenArrays(ids, labels, np.array(turn_starts, dtype=np.int32))))
     return out
 
 
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
     """`tokenize_batch` of one text, as lists."""
-    tokens = tokenize_batch([text], tokenizer)[0]
+    _, tokens = tokenize_batch([text], tokenizer)[0]
     return TokenizedExample(tokens.input_ids.tolist(), tokens.labels.tolist(), tokens.user_starts.tolist())
 
 
@@ -256,7 +272,6 @@ def round_trip_problems(
     # Drop what the tokenizer added (BOS), keep <|im_end|>, which is the EOS token and part of the text.
     stripped = []
     for ids in token_ids:
-        ids = list(ids)
         first = next((index for index, token in enumerate(ids) if token not in special), len(ids))
         stripped.append(ids[first:])
     # The fast tokenizer's own batch decode: what tokenizer.decode(ids, clean_up_tokenization_spaces=False) gives,
@@ -265,7 +280,8 @@ def round_trip_problems(
     normalizer = tokenizer.backend_tokenizer.normalizer
     problems: list[str | None] = []
     for text, decoded in zip(texts, decoded_texts, strict=True):
-        expected = normalizer.normalize_str(text) if normalizer else text
+        # The text itself, or what the tokenizer's normalizer (Qwen2's NFC) makes of it.
+        expected = normalizer.normalize_str(text) if decoded != text and normalizer else text
         if decoded == expected:
             problems.append(None)
             continue
@@ -274,11 +290,6 @@ def round_trip_problems(
             f"decodes to {decoded[max(at - 20, 0) : at + 20]!r} where the text has {expected[max(at - 20, 0) : at + 20]!r}"
         )
     return problems
-
-
-def round_trip_problem(text: str, tokens: TokenizedExample, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """`round_trip_problems` of one text."""
-    return round_trip_problems([text], [tokens.input_ids], tokenizer)[0]
 
 
 def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
@@ -292,24 +303,24 @@ def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
 
 
 def encode(
-    examples: list[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
+    examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
 ) -> list[Encoded]:
-    """Tokenize every example, a batch at a time, into `store`; stop if the tokenizer does not give back the text of
-    one (it would train garbage)."""
+    """Tokenize the examples a batch at a time as they are read, into `store`; stop if the tokenizer does not give
+    back the text of one (it would train garbage)."""
     cap = params.model.max_length if params.pack.overflow == "truncate" else None
     encoded = []
-    for first in range(0, len(examples), ENCODE_BATCH):
-        batch = examples[first : first + ENCODE_BATCH]
+    pending = iter(examples)
+    while batch := list(itertools.islice(pending, ENCODE_BATCH)):
         texts = [example.text for example in batch]
         tokenized = tokenize_batch(texts, tokenizer)
-        problems = round_trip_problems(texts, [tokens.input_ids.tolist() for tokens in tokenized], tokenizer)
+        problems = round_trip_problems(texts, [token_ids for token_ids, _ in tokenized], tokenizer)
         for example, problem in zip(batch, problems, strict=True):
             if problem:
                 raise click.ClickException(
                     f"mix: the base model's tokenizer does not reproduce the text of {example.source} line "
                     f"{example.line}: it {problem}; check the base model folder (its tokenizer.json and config.json)"
                 )
-        for example, stored in zip(batch, store.add(texts, tokenized), strict=True):
+        for example, stored in zip(batch, store.add(texts, [tokens for _, tokens in tokenized]), strict=True):
             kept = min(stored.length, cap) if cap else stored.length
             encoded.append(Encoded(example.id, example.source, example.line, stored, kept))
     return encoded
@@ -435,13 +446,20 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
 
 
 def write_parquet(rows: list[Encoded], store: TokenStore, path: Path, bos_token_id: int | None) -> None:
+    """`rows` in that order, a row group of at most ROW_GROUP_TOKENS tokens at a time read from `store`."""
     schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
-    columns = {
-        "id": pa.array([row.id for row in rows], type=pa.string()),
-        "source": pa.array([row.source for row in rows], type=pa.string()),
-        **store.columns([row.stored for row in rows]),
-    }
-    write_table(pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema), path)
+
+    def group(first: int, last: int) -> pa.Table:
+        chosen = rows[first:last]
+        columns = {
+            "id": pa.array([row.id for row in chosen], type=pa.string()),
+            "source": pa.array([row.source for row in chosen], type=pa.string()),
+            **store.columns([row.stored for row in chosen]),
+        }
+        return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+    lengths = np.fromiter((row.length for row in rows), dtype=np.int64, count=len(rows))
+    write_row_groups(path, schema, (group(first, last) for first, last in row_groups(lengths)))
 
 
 def echo_report(report: dict) -> None:
@@ -463,24 +481,28 @@ def echo_report(report: dict) -> None:
 
 def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metrics_path: Path) -> None:
     fetched = read_json(manifest_path).get("sources", {})
-    examples, dropped = [], []
     rows_in = {}
-    for name, source in params.data.sources.items():
+    for name in params.data.sources:
         if not isinstance(fetched.get(name), dict) or not isinstance(fetched[name].get("rows"), int):
             raise click.ClickException(f"{manifest_path} has no source {name!r} with its rows; rerun fetch")
         rows_in[name] = fetched[name]["rows"]
-        kept, bad = read_source(raw_dir / f"{name}.jsonl", name, source.format, params.mix.system_prompt)
-        examples += kept
-        dropped += bad
-    examples = drop_duplicates(examples, dropped)
-
+        if not (raw_dir / f"{name}.jsonl").is_file():
+            raise click.ClickException(
+                f"{raw_dir / f'{name}.jsonl'}: missing, though the fetch manifest lists source {name!r}; rerun fetch"
+            )
     tokenizer = base_tokenizer(manifest_path)
+
+    dropped: list[dict] = []
+    duplicates: list[dict] = []
+    examples = itertools.chain.from_iterable(
+        read_source(raw_dir / f"{name}.jsonl", name, source.format, params.mix.system_prompt, dropped)
+        for name, source in params.data.sources.items()
+    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}-tokens-", dir=out_dir.parent) as store_dir:
-        store = TokenStore(Path(store_dir))  # the tokens wait on disk: memory does not grow with the examples read
-        encoded = encode(examples, tokenizer, params, store)
-        del examples  # their texts are in the store now
-        mix_and_write(params, encoded, dropped, rows_in, tokenizer, store, out_dir, metrics_path)
+    # The tokens wait on disk beside the output: memory holds where each example lies, not the examples read.
+    with TokenStore(out_dir.parent) as store:
+        encoded = encode(unique(examples, duplicates), tokenizer, params, store)
+        mix_and_write(params, encoded, dropped + duplicates, rows_in, tokenizer, store, out_dir, metrics_path)
 
 
 def mix_and_write(

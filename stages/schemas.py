@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -33,9 +36,32 @@ BOS_METADATA_KEY = b"friction.bos_token_id"
 PACKED_SCHEMA = pa.schema([(name, pa.list_(pa.int64())) for name in ("input_ids", "labels", "seq_lengths")])
 
 
+ROW_GROUP_TOKENS = 1 << 24
+"""A stage writes its rows in row groups of about this many tokens (64 MiB of int32 ids): what it holds in memory to
+write one, and what a reader streams at a time. A split of fewer tokens is one row group, the bytes pyarrow's
+write_table gives the whole table."""
+
+
+def row_groups(lengths: np.ndarray, tokens: int = ROW_GROUP_TOKENS) -> list[tuple[int, int]]:
+    """Consecutive (first, last) ranges of rows whose `lengths` sum to about `tokens` each (a range ends with the row
+    that crosses the limit); one range, maybe empty, when they all fit."""
+    ends = np.cumsum(lengths)
+    bounds = np.searchsorted(ends, np.arange(tokens, int(ends[-1]) if len(ends) else 0, tokens), side="left") + 1
+    bounds = sorted({0, len(lengths), *bounds.tolist()})
+    return list(itertools.pairwise(bounds)) or [(0, 0)]
+
+
+def write_row_groups(path: Path, schema: pa.Schema, groups: Iterable[pa.Table]) -> None:
+    """One row group per table (each split at pyarrow's default of 1M rows), with a checksum on every page, so that a
+    bit flipped on disk or in transfer is an error when read, not wrong ids."""
+    with pq.ParquetWriter(path, schema, write_page_checksum=True) as writer:
+        for table in groups:
+            writer.write_table(table)
+
+
 def write_parquet(table: pa.Table, path: Path) -> None:
-    """With a checksum on every page, so a bit flipped on disk or in transfer is an error when read, not wrong ids."""
-    pq.write_table(table, path, write_page_checksum=True)
+    """`table` as one file, in row groups as write_row_groups writes them."""
+    write_row_groups(path, table.schema, [table])
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,23 @@
-"""Where mix keeps its tokenized examples between tokenizing them and writing the chosen ones: flat numpy arrays a batch
-at a time, on disk (a scratch directory) so that mix's memory does not grow with everything it has read, and read
-back in one sequential pass over the batches into the columns of a split, in any order."""
+"""Where mix keeps its tokenized examples between tokenizing them and writing the chosen ones: one scratch file that
+the examples are appended to as they are tokenized, each example's tokens and text side by side, and that is read
+back by position, one read per example. mix's memory then holds only where each example lies, and the rows of the
+row group being written, however many examples it reads."""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from stages.schemas import TokenizedExample
+
+TOKEN = np.dtype(np.int32)
 
 
 class TokenArrays(NamedTuple):
@@ -24,87 +29,72 @@ class TokenArrays(NamedTuple):
 
 
 class Stored(NamedTuple):
-    """Where an example waits in a TokenStore, and its sizes."""
+    """Where an example lies in a TokenStore, and its sizes: input_ids, labels and user_starts as int32, then the
+    text's UTF-8 bytes."""
 
-    batch: int
-    position: int
+    offset: int  # bytes into the store's file
     length: int  # tokens
-    text_bytes: int
     user_starts: int
+    text_bytes: int
 
-
-ARRAYS = ("text", "input_ids", "labels", "user_starts")
-
-
-def flat(parts: Sequence[np.ndarray], dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(part) for part in parts], out=offsets[1:])
-    values = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
-    return values, offsets
+    @property
+    def size(self) -> int:
+        return TOKEN.itemsize * (2 * self.length + self.user_starts) + self.text_bytes
 
 
 class TokenStore:
-    """Batches of (text, tokens); `directory` None keeps them in memory (small inputs, tests)."""
+    """An append-only scratch file of tokenized examples, deleted when the store is closed; `directory` None puts it
+    in the system's temporary directory."""
 
     def __init__(self, directory: Path | None = None) -> None:
-        self.directory = directory
-        self.batches: list[dict[str, np.ndarray]] = []  # in memory only
-        self.count = 0
+        self.file = tempfile.TemporaryFile(prefix=".friction-tokens-", dir=directory)
+        self.end = 0
+
+    def __enter__(self) -> TokenStore:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.file.close()
 
     def add(self, texts: Sequence[str], tokens: Sequence[TokenArrays | TokenizedExample]) -> list[Stored]:
-        encoded = [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
-        arrays = {}
-        for name, parts in (
-            ("text", encoded),
-            ("input_ids", [np.asarray(t.input_ids, dtype=np.int32) for t in tokens]),
-            ("labels", [np.asarray(t.labels, dtype=np.int32) for t in tokens]),
-            ("user_starts", [np.asarray(t.user_starts, dtype=np.int32) for t in tokens]),
-        ):
-            arrays[name], arrays[f"{name}_offsets"] = flat(parts, np.uint8 if name == "text" else np.int32)
-        batch = self.count
-        self.count += 1
-        if self.directory is None:
-            self.batches.append(arrays)
-        else:
-            np.savez(self.directory / f"{batch}.npz", **arrays)
-        return [
-            Stored(batch, position, len(t.input_ids), len(text), len(t.user_starts))
-            for position, (text, t) in enumerate(zip(encoded, tokens, strict=True))
-        ]
-
-    def load(self, batch: int) -> dict[str, np.ndarray]:
-        if self.directory is None:
-            return self.batches[batch]
-        with np.load(self.directory / f"{batch}.npz") as data:
-            return {name: data[name] for name in data.files}
+        stored, parts = [], []
+        for text, example in zip(texts, tokens, strict=True):
+            encoded = text.encode("utf-8")
+            arrays = [np.asarray(values, dtype=TOKEN) for values in (example.input_ids, example.labels,
+                                                                     example.user_starts)]  # fmt: skip
+            stored.append(Stored(self.end, len(arrays[0]), len(arrays[2]), len(encoded)))
+            parts += [*(array.tobytes() for array in arrays), encoded]
+            self.end += stored[-1].size
+        self.file.write(b"".join(parts))
+        return stored
 
     def columns(self, rows: Sequence[Stored]) -> dict[str, pa.Array]:
         """`rows`' texts and tokens in that order, as Arrow columns (string; lists of int32), each one contiguous
-        array, reading every batch it needs once."""
-        sizes = {"text": "text_bytes", "input_ids": "length", "labels": "length", "user_starts": "user_starts"}
-        offsets = {name: np.zeros(len(rows) + 1, dtype=np.int64) for name in ARRAYS}
-        for name, size in sizes.items():
-            np.cumsum([getattr(row, size) for row in rows], out=offsets[name][1:])
-        values = {name: np.empty(int(offsets[name][-1]), dtype=np.uint8 if name == "text" else np.int32)
-                  for name in ARRAYS}  # fmt: skip
-        wanted: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            wanted[row.batch].append((index, row.position))
-        for batch in sorted(wanted):
-            data = self.load(batch)
-            for name in ARRAYS:
-                source, source_offsets = data[name], data[f"{name}_offsets"]
-                target, target_offsets = values[name], offsets[name]
-                for index, position in wanted[batch]:
-                    target[target_offsets[index] : target_offsets[index + 1]] = source[
-                        source_offsets[position] : source_offsets[position + 1]
-                    ]
-        text_offsets = pa.py_buffer(offsets["text"].astype(np.int32))
-        columns: dict[str, pa.Array] = {
-            "text": pa.StringArray.from_buffers(len(rows), text_offsets, pa.py_buffer(values["text"]))
+        array. Reads each row once, in the file's order."""
+        self.file.flush()
+        sizes = {
+            "text": np.fromiter((row.text_bytes for row in rows), dtype=np.int64, count=len(rows)),
+            "input_ids": np.fromiter((row.length for row in rows), dtype=np.int64, count=len(rows)),
+            "user_starts": np.fromiter((row.user_starts for row in rows), dtype=np.int64, count=len(rows)),
         }
-        for name in ARRAYS[1:]:
-            columns[name] = pa.ListArray.from_arrays(
-                pa.array(offsets[name], type=pa.int32()), pa.array(values[name], type=pa.int32())
-            )
+        sizes["labels"] = sizes["input_ids"]
+        offsets = {name: np.concatenate([[0], np.cumsum(size)]).astype(np.int64) for name, size in sizes.items()}
+        text = np.empty(int(offsets["text"][-1]), dtype=np.uint8)
+        tokens = {name: np.empty(int(offsets[name][-1]), dtype=TOKEN) for name in ("input_ids", "labels", "user_starts")}
+        descriptor = self.file.fileno()
+        for index in sorted(range(len(rows)), key=lambda i: rows[i].offset):
+            row = rows[index]
+            record = os.pread(descriptor, row.size, row.offset)
+            values = np.frombuffer(record, dtype=TOKEN, count=2 * row.length + row.user_starts)
+            ids_at, starts_at, text_at = (offsets[name][index] for name in ("input_ids", "user_starts", "text"))
+            tokens["input_ids"][ids_at : ids_at + row.length] = values[: row.length]
+            tokens["labels"][ids_at : ids_at + row.length] = values[row.length : 2 * row.length]
+            tokens["user_starts"][starts_at : starts_at + row.user_starts] = values[2 * row.length :]
+            text[text_at : text_at + row.text_bytes] = np.frombuffer(record, dtype=np.uint8, offset=values.nbytes)
+        columns: dict[str, pa.Array] = {
+            "text": pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets["text"].astype(np.int32)),
+                                                pa.py_buffer(text))  # fmt: skip
+        }
+        for name, values in tokens.items():
+            columns[name] = pa.ListArray.from_arrays(pa.array(offsets[name], type=pa.int32()), pa.array(values))
         return columns

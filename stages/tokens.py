@@ -10,11 +10,12 @@ the same, for mix (the data), train (the tokenizer saved with the adapter) and e
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from stages.chatml import IM_END
@@ -73,3 +74,13 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     if tokenizer.eos_token != IM_END:
         return None
     return tokenizer.eos_token_id
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[Encoding]:
+    """The fast tokenizer's encodings of `texts`, with the special tokens it adds (its BOS): what `tokenizer(texts)`
+    computes, from the Rust side directly, so that no token's id or offsets becomes a Python object unasked."""
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:  # as `tokenizer(texts)` would, untruncated
+        backend.no_truncation()
+        backend.no_padding()
+    return backend.encode_batch(list(texts), add_special_tokens=True)

@@ -3,6 +3,7 @@ included), both weightings' arithmetic, the split, the report."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -521,7 +522,7 @@ def test_over_length_rows_are_kept_and_counted_for_pack(workspace: Path, make_pa
 def stub_rows(source: str, lengths: list[int]) -> list[Encoded]:
     """Encoded rows of the given token counts (ids are never looked at by sampling)."""
     return [
-        Encoded(f"{source}{i}", source, i + 1, Stored(0, i, n, 0, 0), n)
+        Encoded(f"{source}{i}", source, i + 1, Stored(0, n, 0, 0), n)
         for i, n in enumerate(lengths)
     ]
 
@@ -600,10 +601,11 @@ def test_examples_weighting_picks_exactly_what_the_original_code_picks(workspace
     expected = {"fr_a": (5, 5, False), "fr_b": (3, 1, True), "re_a": (3, 1, True), "re_b": (3, 3, False)}
     assert {n: (c["asked"], c["sampled"], c["capped"]) for n, c in report["sources"].items()} == expected
 
-    clean = []
-    for name, source in params.data.sources.items():
-        clean += mix.read_source(Path(f"data/raw/{name}.jsonl"), name, source.format, SYSTEM_PROMPT)[0]
-    clean = mix.drop_duplicates(clean, [])
+    rows = itertools.chain.from_iterable(
+        mix.read_source(Path(f"data/raw/{name}.jsonl"), name, source.format, SYSTEM_PROMPT, [])
+        for name, source in params.data.sources.items()
+    )
+    clean = list(mix.unique(rows, []))
     parts = []
     for name in params.data.sources:
         rows = [{"id": e.id, "source": e.source} for e in clean if e.source == name]

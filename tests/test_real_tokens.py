@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, reluctance_text
 from real_tokenizer import BOS_ID, EOS_ID
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from stages import mix, pack
-from stages.chatml import IM_END, assistant_spans
+from stages.chatml import IGNORE_INDEX, IM_END, assistant_spans, user_starts
 from stages.config import PackParams, Params
 from stages.tokens import end_of_turn_id, load_tokenizer
 
@@ -121,3 +122,56 @@ def test_the_saved_tokenizer_maps_im_end_to_eos(real_base_dir: Path, tmp_path: P
     assert reloaded.eos_token == IM_END and reloaded.eos_token_id == EOS_ID == end_of_turn_id(reloaded)
     assert len(reloaded) == len(AutoTokenizer.from_pretrained(real_base_dir))
     assert reloaded.encode(f"Hello.{IM_END}") == [BOS_ID, 9707, 13, EOS_ID]
+
+
+# Span edges where byte-level offsets are awkward: a multi-byte character split over several tokens, emoji and CJK
+# right at a turn's start, decomposed accents (the normalizer's NFC), runs of whitespace the offsets trim, a turn
+# that starts inside a word, an empty system turn's neighbours, text after the last turn.
+AWKWARD_TEXTS = [
+    STANDARD_CHATML,
+    "<|im_start|>user\n🙂🙂 你好<|im_end|>\n<|im_start|>assistant\n🫠<think>\n我想\n</think>\n𝔘nicode<|im_end|>\n",
+    "<|im_start|>system\n\n<|im_end|>\n<|im_start|>user\nCafe\u0301?\n<|im_end|>\n<|im_start|>assistant\n  \n\n  e\u0301tude\n<|im_end|>\n",
+    "word<|im_start|>user\n\t\t x<|im_end|><|im_start|>assistant\n\u00a0\u2003mid<|im_end|>trailing text  \n\n",
+    "<|im_start|>assistant\n<|im_end|>\n<|im_start|>user\n<|im_end|>\n<|im_start|>assistant\n\n\n\n<|im_end|>",
+]
+
+
+def offsets_reference(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """Labels and user starts from every token's offsets, as transformers returns them: a token is trained when it
+    starts inside an assistant span (the BOS the tokenizer adds starts at 0, before any); a user turn starts at the
+    first token ending past its header's first character."""
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    labels, ends = [], []
+    spans = assistant_spans(text)
+    for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True):
+        inside = any(first <= start < last for first, last in spans)
+        labels.append(token if inside else IGNORE_INDEX)
+        ends.append(end if end > start else 0)
+    starts = [next((i for i, end in enumerate(ends) if end > header), len(ends)) for header in user_starts(text)]
+    return labels, starts
+
+
+def offsets_trimmed(tokenizer):
+    """`tokenizer` with byte-level offsets that leave out the spaces around a word (GPT-2's and RoBERTa's setting), so
+    that some characters belong to no token."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    for step in state["post_processor"]["processors"]:
+        if step["type"] == "ByteLevel":
+            step["trim_offsets"] = True
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+    assert (3, 3) in tokenizer(" a  b", return_offsets_mapping=True)["offset_mapping"]  # the second space: no character
+    return tokenizer
+
+
+@pytest.mark.parametrize("which", ["real", "real, offsets trimmed", "demo"])
+def test_span_edges_from_the_rust_encoding_equal_the_per_token_offsets(which: str, real_base_dir: Path,
+                                                                     tiny_model_dir: Path) -> None:  # fmt: skip
+    tokenizer = load_tokenizer(tiny_model_dir if which == "demo" else real_base_dir, None)
+    if which == "real, offsets trimmed":
+        tokenizer = offsets_trimmed(tokenizer)
+    texts = AWKWARD_TEXTS + [mix.friction_text(row, SYSTEM_PROMPT) for row in SOURCES["friction"]]
+    for text in texts:
+        tokens = mix.tokenize(text, tokenizer)
+        labels, starts = offsets_reference(text, tokenizer)
+        assert tokens.input_ids == tokenizer(text)["input_ids"], text
+        assert (tokens.labels, tokens.user_starts) == (labels, starts), text
