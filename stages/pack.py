@@ -37,19 +37,27 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stages.artifacts import atomic_output, write_json
 from stages.chatml import IGNORE_INDEX
 from stages.config import Params
-from stages.schemas import PACKED_SCHEMA, TokenizedExample, bos_token_id, read_parquet, write_parquet
+from stages.schemas import (
+    PACKED_SCHEMA,
+    TokenizedExample,
+    bos_token_id,
+    read_parquet,
+    row_groups,
+    write_row_groups,
+)
 
 MIXED_COLUMNS = ["id", "input_ids", "labels", "user_starts"]
 # An example, or the part of one that fits a row (the tests' and small callers' form; pack itself keeps columns).
@@ -246,8 +254,64 @@ def list_array(offsets: np.ndarray, values: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=pa.int64()))
 
 
-def pack_columns(examples: TokenColumns, params: Params, bos: int | None = None) -> tuple[pa.Table, dict]:
-    """Rows of `examples`, and their counts. `bos`: the BOS id the tokenizer put before every example, if any."""
+@dataclass(frozen=True)
+class Layout:
+    """Which piece of which example goes where: everything pack decides before it writes a token. Pieces are in row
+    order; rows are laid out a range at a time (`rows`), so that only the rows being written are in memory."""
+
+    examples: TokenColumns
+    piece_starts: np.ndarray  # where each piece's tokens start in `examples`
+    piece_lengths: np.ndarray
+    piece_offsets: np.ndarray  # row r holds pieces piece_offsets[r]:piece_offsets[r + 1]
+    row_lengths: np.ndarray  # tokens, its BOS included
+    row_offsets: np.ndarray  # where each row starts in the rows laid end to end
+    bos: int | None  # stacked: the BOS that starts every row
+    stacked: bool
+    counts: Counter[str]
+
+    def __len__(self) -> int:
+        return len(self.row_lengths)
+
+    def rows(self, first: int, last: int) -> pa.Table:
+        """Rows first..last-1 as a table of PACKED_SCHEMA."""
+        token_offsets = self.row_offsets[first : last + 1] - self.row_offsets[first]
+        piece_offsets = self.piece_offsets[first : last + 1] - self.piece_offsets[first]
+        pieces = slice(self.piece_offsets[first], self.piece_offsets[last])
+        starts, lengths = self.piece_starts[pieces], self.piece_lengths[pieces]
+        row_of = np.repeat(np.arange(last - first), np.diff(piece_offsets))
+        ids = np.empty(int(token_offsets[-1]), dtype=np.int64)
+        labels = np.empty(len(ids), dtype=np.int64)
+        for start, stop in row_chunks(token_offsets):
+            chunk = slice(piece_offsets[start], piece_offsets[stop])
+            tokens = slice(token_offsets[start], token_offsets[stop])
+            lay_out(self.examples, starts[chunk], lengths[chunk], row_of[chunk], token_offsets[start : stop + 1],
+                    self.bos, self.stacked, ids[tokens], labels[tokens])  # fmt: skip
+        if self.stacked:
+            seq_offsets, seq_lengths = np.arange(last - first + 1), self.row_lengths[first:last]
+        else:
+            seq_offsets, seq_lengths = piece_offsets, lengths
+        return pa.Table.from_arrays(
+            [list_array(token_offsets, ids), list_array(token_offsets, labels), list_array(seq_offsets, seq_lengths)],
+            schema=PACKED_SCHEMA,
+        )
+
+    def metrics(self, trained_tokens: int, max_length: int) -> dict:
+        real_tokens = int(self.row_offsets[-1])
+        slots = len(self) * max_length
+        return {
+            "examples": len(self.examples),
+            **self.counts,
+            "packed_examples": len(self.piece_lengths),
+            "rows": len(self),
+            "real_tokens": real_tokens,
+            "trained_tokens": trained_tokens,
+            "padded_slots": slots - real_tokens,
+            "fill_ratio": round(real_tokens / slots, 4) if slots else 0.0,
+        }
+
+
+def plan(examples: TokenColumns, params: Params, bos: int | None = None) -> Layout:
+    """Cut `examples` to fit and bin them into rows. `bos`: the BOS id the tokenizer put before every example."""
     capacity = params.model.max_length
     stacked = params.pack.strategy == "stacked"
     row_bos = 1 if stacked and bos is not None else 0  # stacked: one BOS a row, as the original tokenized it
@@ -260,46 +324,51 @@ def pack_columns(examples: TokenColumns, params: Params, bos: int | None = None)
     members = (next_fit(lengths.tolist(), capacity - row_bos) if stacked else best_fit_rows(lengths, capacity - row_bos))
     order = np.fromiter((m for row in members for m in row), dtype=np.int64, count=len(lengths))
     pieces_per_row = np.fromiter((len(row) for row in members), dtype=np.int64, count=len(members))
-    ordered_lengths = lengths[order]
     row_of = np.repeat(np.arange(len(members)), pieces_per_row)
-    row_lengths = np.bincount(row_of, weights=ordered_lengths, minlength=len(members)).astype(np.int64) + row_bos
-    row_offsets = np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64)
-    piece_offsets = np.concatenate([[0], np.cumsum(pieces_per_row)]).astype(np.int64)
-    ids = np.empty(int(row_offsets[-1]), dtype=np.int64)
-    labels = np.empty(len(ids), dtype=np.int64)
-    for first, last in row_chunks(row_offsets):
-        pieces = order[piece_offsets[first] : piece_offsets[last]]
-        lay_out(examples, piece_starts[pieces], lengths[pieces], row_of[piece_offsets[first] : piece_offsets[last]],
-                row_offsets[first : last + 1], bos if row_bos else None, stacked,
-                ids[row_offsets[first] : row_offsets[last]], labels[row_offsets[first] : row_offsets[last]])  # fmt: skip
-    if stacked:
-        seq_offsets, seq_lengths = np.arange(len(members) + 1), row_lengths
-    else:
-        seq_offsets, seq_lengths = piece_offsets, ordered_lengths
-    table = pa.Table.from_arrays(
-        [list_array(row_offsets, ids), list_array(row_offsets, labels), list_array(seq_offsets, seq_lengths)],
-        schema=PACKED_SCHEMA,
+    row_lengths = np.bincount(row_of, weights=lengths[order], minlength=len(members)).astype(np.int64) + row_bos
+    return Layout(
+        examples=examples,
+        piece_starts=piece_starts[order],
+        piece_lengths=lengths[order],
+        piece_offsets=np.concatenate([[0], np.cumsum(pieces_per_row)]).astype(np.int64),
+        row_lengths=row_lengths,
+        row_offsets=np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
+        bos=bos if row_bos else None,
+        stacked=stacked,
+        counts=counts,
     )
 
-    real_tokens = int(row_offsets[-1])
-    slots = len(members) * capacity
-    metrics = {
-        "examples": len(examples),
-        **counts,
-        "packed_examples": len(lengths),
-        "rows": len(members),
-        "real_tokens": real_tokens,
-        "trained_tokens": int((labels != IGNORE_INDEX).sum()),
-        "padded_slots": slots - real_tokens,
-        "fill_ratio": round(real_tokens / slots, 4) if slots else 0.0,
-    }
-    return table, metrics
+
+def trained_tokens(table: pa.Table) -> int:
+    return int(np.count_nonzero(pc.list_flatten(table.column("labels")).to_numpy() != IGNORE_INDEX))
+
+
+def pack_columns(examples: TokenColumns, params: Params, bos: int | None = None) -> tuple[pa.Table, dict]:
+    """All rows of `examples` as one table, and their counts."""
+    layout = plan(examples, params, bos)
+    table = layout.rows(0, len(layout))
+    return table, layout.metrics(trained_tokens(table), params.model.max_length)
 
 
 def pack_split(examples: list[Piece], params: Params, bos: int | None = None) -> tuple[dict[str, list[list[int]]], dict]:
     """`pack_columns` of examples given one by one, its rows as Python lists."""
     table, metrics = pack_columns(TokenColumns.from_pieces(examples), params, bos)
     return table.to_pydict(), metrics
+
+
+def write_rows(layout: Layout, path: Path) -> int:
+    """The rows, a row group of about ROW_GROUP_TOKENS tokens at a time; returns how many tokens are trained."""
+    trained = 0
+
+    def groups() -> Iterator[pa.Table]:
+        nonlocal trained
+        for first, last in row_groups(layout.row_lengths):
+            table = layout.rows(first, last)
+            trained += trained_tokens(table)
+            yield table
+
+    write_row_groups(path, PACKED_SCHEMA, groups())
+    return trained
 
 
 def read_split(path: Path, params: Params) -> tuple[TokenColumns, int | None]:
@@ -314,42 +383,62 @@ def read_split(path: Path, params: Params) -> tuple[TokenColumns, int | None]:
     missing = [name for name in MIXED_COLUMNS if name not in schema.names]
     if missing:
         raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun mix")
-    table = read_parquet(path, MIXED_COLUMNS, rerun="mix").combine_chunks()
-    ids, labels, user_starts = (table.column(name).chunk(0) if table.num_rows else None for name in MIXED_COLUMNS[1:])
-    if ids is None:
-        empty = np.zeros(0, dtype=np.int32)
-        return TokenColumns(empty, empty, np.zeros(1, dtype=np.int64), np.zeros(0, dtype=bool)), bos_token_id(schema)
-    offsets = ids.offsets.to_numpy().astype(np.int64)
-    lengths, label_lengths = np.diff(offsets), np.diff(labels.offsets.to_numpy())
+    try:
+        flat, lengths = read_token_lists(path)
+    except (pa.ArrowException, OSError) as error:
+        raise click.ClickException(f"{path}: not a readable Parquet file ({error}); rerun mix") from None
     capacity = params.model.max_length
 
     def where(index: int) -> str:
-        return f"{path} row {index} (id {table.column('id')[index].as_py()})"
+        row_id = read_parquet(path, ["id"], rerun="mix").column("id")[index].as_py()
+        return f"{path} row {index} (id {row_id})"
 
-    for index in np.flatnonzero(lengths != label_lengths)[:1].tolist():
+    for index in np.flatnonzero(lengths["input_ids"] != lengths["labels"])[:1].tolist():
         raise click.ClickException(
-            f"{where(index)}: {lengths[index]} input_ids but {label_lengths[index]} labels; rerun mix"
+            f"{where(index)}: {lengths['input_ids'][index]} input_ids but {lengths['labels'][index]} labels; rerun mix"
         )
     if params.pack.overflow == "drop":
-        for index in np.flatnonzero(lengths > capacity)[:1].tolist():
+        for index in np.flatnonzero(lengths["input_ids"] > capacity)[:1].tolist():
             raise click.ClickException(
-                f"{where(index)}: {lengths[index]} tokens, over model.max_length {capacity} under pack.overflow: "
-                "drop; rerun mix, which drops such rows"
+                f"{where(index)}: {lengths['input_ids'][index]} tokens, over model.max_length {capacity} under "
+                "pack.overflow: drop; rerun mix, which drops such rows"
             )
-    flat_ids = ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-    label_offsets = labels.offsets.to_numpy()
-    flat_labels = labels.values.to_numpy(zero_copy_only=False)[label_offsets[0] : label_offsets[-1]]
-    offsets -= offsets[0]
-    user_start = np.zeros(len(flat_ids), dtype=bool)
-    starts_per_row = np.diff(user_starts.offsets.to_numpy())
-    starts_offsets = user_starts.offsets.to_numpy()
-    in_row = user_starts.values.to_numpy(zero_copy_only=False)[starts_offsets[0] : starts_offsets[-1]].astype(np.int64)
-    row_of = np.repeat(np.arange(len(lengths)), starts_per_row)
-    inside = (in_row >= 0) & (in_row < lengths[row_of])
+    offsets = np.concatenate([[0], np.cumsum(lengths["input_ids"])]).astype(np.int64)
+    row_of = np.repeat(np.arange(len(offsets) - 1), lengths["user_starts"])
+    in_row = flat["user_starts"].astype(np.int64)
+    inside = (in_row >= 0) & (in_row < lengths["input_ids"][row_of])
+    user_start = np.zeros(len(flat["input_ids"]), dtype=bool)
     user_start[offsets[row_of[inside]] + in_row[inside]] = True
-    columns = TokenColumns(flat_ids.astype(np.int32, copy=False), flat_labels.astype(np.int32, copy=False), offsets,
-                           user_start)  # fmt: skip
-    return columns, bos_token_id(schema)
+    return TokenColumns(flat["input_ids"], flat["labels"], offsets, user_start), bos_token_id(schema)
+
+
+TOKEN_LISTS = ("input_ids", "labels", "user_starts")
+
+
+def read_token_lists(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each of TOKEN_LISTS' values end to end (int32), and each row's number of them: read a row group at a time
+    into arrays sized from the file's metadata, so that the whole table is never in memory besides them."""
+    file = pq.ParquetFile(path, page_checksum_verification=True)
+    metadata = file.metadata
+    leaf = {metadata.schema.column(index).path.split(".")[0]: index for index in range(metadata.num_columns)}
+    groups = range(metadata.num_row_groups)
+    # A column chunk's value count is the tokens in it, plus one for each empty list: at least what it holds.
+    flat = {name: np.empty(sum(metadata.row_group(g).column(leaf[name]).num_values for g in groups), dtype=np.int32)
+            for name in TOKEN_LISTS}  # fmt: skip
+    lengths: dict[str, list[np.ndarray]] = {name: [] for name in TOKEN_LISTS}
+    filled = dict.fromkeys(TOKEN_LISTS, 0)
+    for group in groups:
+        table = file.read_row_group(group, columns=list(TOKEN_LISTS))
+        for name in TOKEN_LISTS:
+            column = table.column(name).combine_chunks()
+            values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+            flat[name][filled[name] : filled[name] + len(values)] = values
+            filled[name] += len(values)
+            lengths[name].append(pc.list_value_length(column).to_numpy(zero_copy_only=False))
+    return (
+        {name: values[: filled[name]] for name, values in flat.items()},
+        {name: np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64) for name, parts in lengths.items()},
+    )
 
 
 def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> None:
@@ -358,16 +447,15 @@ def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> N
         scratch.mkdir()
         for split in ("train", "validation"):
             examples, bos = read_split(mixed_dir / f"{split}.parquet", params)
-            table, counts = pack_columns(examples, params, bos)
-            del examples
-            if not table.num_rows:
+            layout = plan(examples, params, bos)
+            if not len(layout):
                 raise click.ClickException(
-                    f"pack: no {split} rows left: none of its {counts['examples']} examples keeps a labelled token "
+                    f"pack: no {split} rows left: none of its {len(examples)} examples keeps a labelled token "
                     f"within model.max_length {params.model.max_length}; see pack.overflow"
                 )
-            write_parquet(table, scratch / f"{split}.parquet")
-            del table
-            report[split] = counts
+            trained = write_rows(layout, scratch / f"{split}.parquet")
+            counts = report[split] = layout.metrics(trained, params.model.max_length)
+            del examples, layout
             click.echo(
                 f"pack: {split}: {counts['packed_examples']} examples -> {counts['rows']} rows, "
                 f"fill {counts['fill_ratio']:.1%}, {counts['truncated']} truncated, {counts['split']} split into "

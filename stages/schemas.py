@@ -42,11 +42,12 @@ write one, and what a reader streams at a time. A split of fewer tokens is one r
 write_table gives the whole table."""
 
 
-def row_groups(lengths: np.ndarray, tokens: int = ROW_GROUP_TOKENS) -> list[tuple[int, int]]:
-    """Consecutive (first, last) ranges of rows whose `lengths` sum to about `tokens` each (a range ends with the row
-    that crosses the limit); one range, maybe empty, when they all fit."""
+def row_groups(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive (first, last) ranges of rows whose `lengths` sum to about ROW_GROUP_TOKENS each (a range ends with
+    the row that reaches the limit); one range, maybe empty, when they all fit."""
     ends = np.cumsum(lengths)
-    bounds = np.searchsorted(ends, np.arange(tokens, int(ends[-1]) if len(ends) else 0, tokens), side="left") + 1
+    limits = np.arange(ROW_GROUP_TOKENS, int(ends[-1]) if len(ends) else 0, ROW_GROUP_TOKENS)
+    bounds = np.searchsorted(ends, limits, side="left") + 1
     bounds = sorted({0, len(lengths), *bounds.tolist()})
     return list(itertools.pairwise(bounds)) or [(0, 0)]
 
