@@ -10,7 +10,9 @@ file might: a generator error, a duplicate of an earlier row, a line that is not
 from __future__ import annotations
 
 import json
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 WORDS = ["I", "you", "they", "we", "it", "this", "that", "the", "a", "an", "and", "but", "or", "so", "because", "if", "when", "then", "maybe", "perhaps", "not", "sure", "wonder", "could", "might", "should", "would", "feel", "think", "know", "want", "need", "keep", "thinking", "wait", "hm", "okay", "actually", "honestly", "really", "just", "still", "again", "never", "always", "sometimes", "friend", "sister", "brother", "mother", "father", "partner", "boss", "coworker", "job", "work", "home", "money", "time", "week", "month", "year", "night", "morning", "plan", "idea", "question", "answer", "reason", "problem", "choice", "change", "move", "leave", "stay", "quit", "call", "text", "message", "talk", "listen", "tell", "ask", "help", "hurt", "care", "worry", "fear", "hope", "anger", "tired", "scared", "angry", "sad", "happy", "fine", "heavy", "hard", "easy", "fair", "wrong", "right", "true", "false", "better", "worse", "more", "less", "enough", "too", "much", "little", "big", "small", "new", "old", "first", "last", "next", "other", "same", "different", "whole", "part", "middle", "side", "way", "place", "thing", "person", "people", "life", "story", "memory", "moment", "pattern", "habit", "promise", "decision", "conversation", "boundary", "trust", "doubt", "risk", "cost", "miss", "lose", "find", "see", "hear", "say", "feel", "go", "come", "take", "give", "make", "let", "try", "stop", "start", "end", "over", "under", "about", "around", "through", "between", "without", "within", "here", "there", "now", "later", "soon", "yet", "already", "almost", "only", "even", "also", "however", "though", "although", "unless", "until", "while", "since"]
@@ -69,23 +71,32 @@ def dirty_line(rng: random.Random, source_format: str, earlier: list[str]) -> st
     return json.dumps(row, ensure_ascii=False)
 
 
+def write_source(path: Path, name: str, source_format: str, rows: int, seed: int, dirty: bool) -> None:
+    rng = random.Random(seed)
+    earlier: list[str] = []
+    with path.open("w", encoding="utf-8") as handle:
+        for index in range(rows):
+            if dirty and rng.random() < 0.02:
+                line = dirty_line(rng, source_format, earlier)
+            else:
+                row = friction_row(rng, f"{name}-{index}") if source_format == "friction" else reluctance_row(rng)
+                line = json.dumps(row, ensure_ascii=False)
+                if len(earlier) < 100:
+                    earlier.append(line)
+            handle.write(line + "\n")
+
+
 def write_sources(out_dir: Path, examples: int, seed: int = 0, dirty: bool = False) -> dict[str, Path]:
-    """`examples` rows in all, shared out evenly over the four sources, as JSON Lines files in `out_dir`."""
+    """`examples` rows in all, shared out evenly over the four sources, as JSON Lines files in `out_dir`; each source
+    from a generator of its own, so they are written in parallel, one process per core."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for position, (name, source_format) in enumerate(SOURCES.items()):
-        rng = random.Random(seed * 100 + position)
-        rows = examples // len(SOURCES) + (position < examples % len(SOURCES))
-        earlier: list[str] = []
-        path = paths[name] = out_dir / f"{name}.jsonl"
-        with path.open("w", encoding="utf-8") as handle:
-            for index in range(rows):
-                if dirty and rng.random() < 0.02:
-                    line = dirty_line(rng, source_format, earlier)
-                else:
-                    row = friction_row(rng, f"{name}-{index}") if source_format == "friction" else reluctance_row(rng)
-                    line = json.dumps(row, ensure_ascii=False)
-                    if len(earlier) < 100:
-                        earlier.append(line)
-                handle.write(line + "\n")
+    paths = {name: out_dir / f"{name}.jsonl" for name in SOURCES}
+    with ProcessPoolExecutor(min(len(SOURCES), os.cpu_count() or 1)) as pool:
+        written = [
+            pool.submit(write_source, paths[name], name, source_format,
+                        examples // len(SOURCES) + (position < examples % len(SOURCES)), seed * 100 + position, dirty)
+            for position, (name, source_format) in enumerate(SOURCES.items())
+        ]  # fmt: skip
+        for future in written:
+            future.result()
     return paths

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from ruamel.yaml import YAML
 
 from bench.common import DEMO_BASE, REPO, bench_env, interleaved, ratio, run_measured, stage_command
+from stages.config import load_params
 
 PROBE = Path(__file__).resolve().parent / "probe"
 STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
@@ -85,26 +86,23 @@ def tokenization_passes(workspace: Path, log: Path) -> dict[str, Any]:
             "mean_passes": sum(passes) / len(passes), "texts_tokenized_by_stage": by_stage}  # fmt: skip
 
 
-EVAL_PROMPTS = 4  # one prompt at a time is slow: the comparison answers this many prompts, both ways
-
-
-def set_eval_batch(workspace: Path, batch_size: int) -> None:
+def set_eval_batch(workspace: Path, batch_size: int, prompts: int) -> None:
     yaml = YAML()
     params = yaml.load(workspace / "params.yaml")
     params["evaluate"]["batch_size"] = batch_size
-    params["evaluate"]["max_prompts"] = EVAL_PROMPTS
+    params["evaluate"]["max_prompts"] = prompts
     yaml.dump(params, workspace / "params.yaml")
 
 
 def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
-    """`friction evaluate` answering EVAL_PROMPTS prompts in one batch against one at a time: stage seconds, and the
-    seconds in generation and in validation loss (from the probe)."""
-    batch = EVAL_PROMPTS
+    """`friction evaluate` answering one batch of the demo's `evaluate.batch_size` prompts, in that batch against one
+    at a time: stage seconds, and the seconds in generation and in validation loss (from the probe)."""
+    batch = load_params(workspace / "params.yaml").evaluate.batch_size
     original = (workspace / "params.yaml").read_text()
     timers: dict[str, list[dict[str, float]]] = {"batched": [], "one_at_a_time": []}
 
     def variant(name: str, batch_size: int) -> float:
-        set_eval_batch(workspace, batch_size)
+        set_eval_batch(workspace, batch_size, prompts=batch)
         log = scratch / f"eval-{name}-{len(timers[name])}.jsonl"
         log.unlink(missing_ok=True)
         command = stage_command("evaluate", samples=scratch / "samples.jsonl", metrics=scratch / "evaluate.json")
@@ -127,7 +125,7 @@ def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
 
     generation_spread = {name: spread(values) for name, values in generation.items()}
     return {
-        "prompts": EVAL_PROMPTS,
+        "prompts": batch,
         "stage_seconds": stage,
         "generation_seconds": generation_spread,
         "validation_loss_seconds": {name: spread(values) for name, values in loss.items()},

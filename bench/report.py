@@ -147,28 +147,39 @@ def pipeline_section(pipeline: dict[str, Any]) -> list[str]:
     ]
 
 
+MEMORY_TARGET_GIB = 4.0  # mix and pack at a million examples, each
+
+
 def scaling_section(scaling: dict[str, Any]) -> list[str]:
     lines = [
         "### 6. Scaling of mix and pack",
         "",
         "Synthetic sources of the demo's lengths (bench/corpus.py), the demo base's tokenizer, every clean row mixed "
         "(`mix.target_max` unbounded). Each stage a process of its own; peak memory is that process's maxrss. "
-        "\"tokenizer\": the fast tokenizer alone on the same texts in mix's batches.",
+        "\"in the tokenizer\": the seconds mix spends in the fast tokenizer's encoding of its batches "
+        "(`stages.tokens.encode_texts`, timed by bench/probe in the same run), and their share of mix's wall time.",
         "",
-        "| examples | real tokens | mix s | tokenizer s | pack s | peak GiB mix / pack |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| examples | real tokens | mix s | in the tokenizer s | tokenizer share | pack s | peak GiB mix / pack |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for point in scaling["points"]:
         lines.append(
             f"| {point['examples']:,} | {point['real_tokens']:,} | {seconds(point['mix_seconds'])} | "
-            f"{seconds(point['tokenizer_seconds'])} | {seconds(point['pack_seconds'])} | "
+            f"{seconds(point['tokenizer_seconds'])} | {point['tokenizer_share']['median']:.0%} | "
+            f"{seconds(point['pack_seconds'])} | "
             f"{point['mix_peak_gib']['median']:.2f} / {point['pack_peak_gib']['median']:.2f} |"
         )
     growth = "; ".join(f"{g['from']:,}→{g['to']:,}: mix n^{g['exponent']}" for g in scaling["mix_growth"])
     growth_pack = "; ".join(f"pack n^{g['exponent']}" for g in scaling["pack_growth"])
     memory = "; ".join(f"{m['from']:,}→{m['to']:,}: mix {m['mix_gib'] * 1024:.1f} MiB, pack {m['pack_gib'] * 1024:.1f} MiB"
                        for m in scaling["memory_per_1000_examples"])  # fmt: skip
-    return [*lines, "", f"Growth of time: {growth}; {growth_pack}. Memory per 1,000 examples: {memory}.", ""]
+    lines += ["", f"Growth of time: {growth}; {growth_pack}. Memory per 1,000 examples: {memory}.", ""]
+    largest = scaling["points"][-1]
+    if largest["examples"] >= 1_000_000:
+        peak = max(largest["mix_peak_gib"]["median"], largest["pack_peak_gib"]["median"])
+        lines += [f"Peak memory at {largest['examples']:,} examples under {MEMORY_TARGET_GIB:g} GiB each: "
+                  f"{verdict(peak, MEMORY_TARGET_GIB, at_least=False)}.", ""]  # fmt: skip
+    return lines
 
 
 def section(result: dict[str, Any], raw: Path) -> str:

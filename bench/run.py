@@ -2,7 +2,7 @@
 in bench/results/, and BENCHMARKS.md's CPU section rewritten from it (bench/report.py).
 
     python bench/run.py                                   # what make bench runs
-    python bench/run.py --scaling-sizes 10000,100000,1000000   # the million-example point too (not in the 15 min)
+    python bench/run.py --only scaling --scaling-sizes 10000,100000 --resume bench/results/cpu-....json   # a part again
     python bench/run.py --render bench/results/cpu-....json    # only rewrite BENCHMARKS.md from a result
 """
 
@@ -25,7 +25,7 @@ from stages.config import load_params  # noqa: E402
 
 @click.command()
 @click.option("--runs", default=3, help="Interleaved rounds per comparison (median and range).")
-@click.option("--scaling-sizes", default="10000,100000", help="Examples for the scaling of mix and pack.")
+@click.option("--scaling-sizes", default="10000,100000,1000000", help="Examples for the scaling of mix and pack.")
 @click.option("--single-run-from", default=100_000, help="Scaling sizes from this one are measured once.")
 @click.option("--scratch", type=click.Path(path_type=Path), default=REPO / "build/bench/scratch")
 @click.option("--results", type=click.Path(path_type=Path), default=REPO / "bench/results")

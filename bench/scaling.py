@@ -1,6 +1,7 @@
 """Scaling of mix and pack: wall time and peak memory at growing numbers of synthetic examples of the demo's lengths
-(bench/corpus.py), each stage a `friction` process of its own, and the fast tokenizer alone on the same texts (what
-mix's time is bound by). The growth exponent between two sizes is log(t2 / t1) / log(n2 / n1): 1 is linear.
+(bench/corpus.py), each stage a `friction` process of its own, and the seconds mix spends inside the fast tokenizer's
+encoding (timed by bench/probe in the same run: what mix's time should be bound by). The growth exponent between two
+sizes is log(t2 / t1) / log(n2 / n1): 1 is linear.
 
     python bench/scaling.py --sizes 10000,100000,1000000 --runs 3 --out build/bench/scaling.json
 """
@@ -27,6 +28,9 @@ from bench.common import (
     stage_command,
 )
 from bench.corpus import SOURCES, write_sources
+from bench.pipeline import probe_env
+
+NO_HASHES = {"FRICTION_BENCH_PROBE_HASHES": "0"}  # only the encoding's seconds: a digest of every text would cost more
 
 SCALING_PARAMS = {
     "data": {"sources": {name: {"path": f"data/sources/synthetic/{name}.jsonl", "format": source_format}
@@ -35,33 +39,16 @@ SCALING_PARAMS = {
 }  # fmt: skip
 
 
-def tokenizer_alone(workspace: Path) -> float:
-    """Seconds the base's fast tokenizer takes for every clean row's text, in mix's batches, nothing else."""
-    sys.path.insert(0, str(workspace))
-    from stages.config import load_params
-    from stages.mix import ENCODE_BATCH, base_tokenizer, read_source
-
-    params = load_params(workspace / "params.yaml")
-    texts = []
-    for name, source in params.data.sources.items():
-        examples, _ = read_source(workspace / "data/raw" / f"{name}.jsonl", name, source.format, params.mix.system_prompt)
-        texts += [example.text for example in examples]
-    tokenizer = base_tokenizer(workspace / "data/raw/manifest.json")
-    start = time.perf_counter()
-    for first in range(0, len(texts), ENCODE_BATCH):
-        tokenizer(texts[first : first + ENCODE_BATCH], return_offsets_mapping=True)
-    return time.perf_counter() - start
-
-
 def measure(workspace: Path, size: int, runs: int) -> dict[str, Any]:
     write_sources(workspace / "data/sources/synthetic", size, seed=size)
     run_measured(stage_command("fetch"), workspace)
     stages: dict[str, list[Any]] = {"mix": [], "pack": [], "tokenizer": []}
-    for _ in range(runs):  # mix, pack and the tokenizer alone take turns, so load from elsewhere hits all three
-        for stage in ("mix", "pack"):
-            stages[stage].append(run_measured(stage_command(stage), workspace))
-        tokenizer = run_measured([sys.executable, __file__, "tokenizer-alone", str(workspace)], workspace)
-        stages["tokenizer"].append(float(tokenizer.output.strip().splitlines()[-1]))
+    for attempt in range(runs):
+        log = workspace / f"probe-{size}-{attempt}.jsonl"
+        stages["mix"].append(run_measured(stage_command("mix"), workspace, {**probe_env(log), **NO_HASHES}))
+        stages["tokenizer"].append(sum(record["seconds"] for record in map(json.loads, log.read_text().splitlines())
+                                       if record.get("timer") == "encode_texts"))  # fmt: skip
+        stages["pack"].append(run_measured(stage_command("pack"), workspace))
     report = json.loads((workspace / "metrics/pack.json").read_text())
     mixed = json.loads((workspace / "metrics/mix.json").read_text())
     return {
@@ -72,6 +59,7 @@ def measure(workspace: Path, size: int, runs: int) -> dict[str, Any]:
         "mix_seconds": spread([run.seconds for run in stages["mix"]]),
         "pack_seconds": spread([run.seconds for run in stages["pack"]]),
         "tokenizer_seconds": spread(stages["tokenizer"]),
+        "tokenizer_share": spread([t / run.seconds for t, run in zip(stages["tokenizer"], stages["mix"], strict=True)]),
         "mix_peak_gib": spread([run.peak_rss_gib for run in stages["mix"]]),
         "pack_peak_gib": spread([run.peak_rss_gib for run in stages["pack"]]),
     }
@@ -107,27 +95,18 @@ def run(sizes: list[int], runs: int, single_run_from: int, scratch: Path) -> dic
     }
 
 
-@click.group(invoke_without_command=True)
+@click.command()
 @click.option("--sizes", default="10000,100000,1000000", help="Numbers of examples, comma-separated.")
 @click.option("--runs", default=3, help="Runs per size (median and range).")
 @click.option("--single-run-from", default=1_000_000, help="Sizes from this one are run once.")
 @click.option("--scratch", type=click.Path(path_type=Path), default=Path("build/bench/scratch"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("build/bench/scaling.json"))
-@click.pass_context
-def main(context: click.Context, sizes: str, runs: int, single_run_from: int, scratch: Path, out: Path) -> None:
-    if context.invoked_subcommand:
-        return
+def main(sizes: str, runs: int, single_run_from: int, scratch: Path, out: Path) -> None:
     result = {"machine": machine(), "scaling": run([int(s) for s in sizes.split(",")], runs, single_run_from, scratch)}
     result["machine_after"] = {"load_average": machine()["load_average"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     click.echo(json.dumps(result["scaling"], indent=1))
-
-
-@main.command("tokenizer-alone")
-@click.argument("workspace", type=click.Path(path_type=Path))
-def tokenizer_alone_command(workspace: Path) -> None:
-    click.echo(tokenizer_alone(workspace))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""A probe the pipeline benchmark puts on PYTHONPATH: in a `friction` process with FRICTION_BENCH_PROBE set to a file,
-it logs every text transformers' fast tokenizer encodes (by sha256; every `tokenizer(...)`, `encode` and
-`apply_chat_template(tokenize=True)` goes through `TokenizersBackend._encode_plus`), and the seconds evaluate spends
-in validation loss and in generation. Anything else runs untouched; modules are patched only once they are imported.
+"""A probe the benchmarks put on PYTHONPATH: in a `friction` process with FRICTION_BENCH_PROBE set to a file, it logs
+- every text the fast tokenizer encodes, by sha256: every `tokenizer(...)`, `encode` and
+  `apply_chat_template(tokenize=True)` goes through transformers' `TokenizersBackend._encode_plus`, and mix's
+  batches through `stages.tokens.encode_texts` (FRICTION_BENCH_PROBE_HASHES=0 leaves the digests out);
+- the seconds spent in `encode_texts` (the Rust tokenizer's encoding of mix's batches), and those evaluate spends in
+  validation loss and in generation.
+Anything else runs untouched; modules are patched only once they are imported.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from typing import Any
 
 LOG = os.environ.get("FRICTION_BENCH_PROBE")
+HASHES = os.environ.get("FRICTION_BENCH_PROBE_HASHES", "1") == "1"
 STAGE = sys.argv[1] if len(sys.argv) > 1 else ""
 
 
@@ -43,6 +47,21 @@ def patch_tokenizer(module: Any) -> None:
     module.TokenizersBackend._encode_plus = counted
 
 
+def patch_encode_texts(module: Any) -> None:
+    original = module.encode_texts
+
+    def counted_and_timed(tokenizer: Any, texts: Any) -> Any:
+        if HASHES:
+            for item in texts:
+                log({"tokenized": hashlib.sha256(item.encode()).hexdigest(), "chars": len(item)})
+        start = time.perf_counter()
+        encodings = original(tokenizer, texts)
+        log({"timer": "encode_texts", "seconds": time.perf_counter() - start, "texts": len(texts)})
+        return encodings
+
+    module.encode_texts = counted_and_timed
+
+
 def patch_evaluate(module: Any) -> None:
     for name in ("validation_loss", "generate"):
         original = getattr(module, name)
@@ -56,7 +75,11 @@ def patch_evaluate(module: Any) -> None:
         setattr(module, name, timed)
 
 
-PATCHES = {"transformers.tokenization_utils_tokenizers": patch_tokenizer, "stages.evaluate": patch_evaluate}
+PATCHES = {
+    "transformers.tokenization_utils_tokenizers": patch_tokenizer,
+    "stages.tokens": patch_encode_texts,
+    "stages.evaluate": patch_evaluate,
+}
 
 
 class PatchOnImport(importlib.abc.MetaPathFinder):
