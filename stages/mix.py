@@ -39,6 +39,7 @@ import itertools
 import json
 import re
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,13 +240,13 @@ def first_token_from(encoding: Encoding, position: int, text_length: int) -> int
     return token
 
 
-def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], TokenArrays]]:
-    """Each text's token ids (a list, for the round-trip check) with the special tokens the tokenizer adds (its BOS),
-    and its TokenArrays: labelled where a token starts inside an assistant span; user_starts the first token holding each
+def tokenize_batch(texts: Sequence[str], encodings: Sequence[Encoding]) -> list[tuple[list[int], TokenArrays]]:
+    """From each text's encoding (`encode_texts`): its token ids (a list, for the round-trip check) with the special
+    tokens the tokenizer adds (its BOS), and its TokenArrays: labelled where a token starts inside an assistant span; user_starts the first token holding each
     user header's first character. Token boundaries come from the Rust encoding's char_to_token at the few span
     edges, not from every token's offsets, whose conversion to Python would cost a third of the encoding itself."""
     out = []
-    for text, encoding in zip(texts, encode_texts(tokenizer, texts), strict=True):
+    for text, encoding in zip(texts, encodings, strict=True):
         token_ids = encoding.ids
         ids = np.array(token_ids, dtype=np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
@@ -259,7 +260,7 @@ def tokenize_batch(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> 
 
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
     """`tokenize_batch` of one text, as lists."""
-    _, tokens = tokenize_batch([text], tokenizer)[0]
+    _, tokens = tokenize_batch([text], encode_texts(tokenizer, [text]))[0]
     return TokenizedExample(tokens.input_ids.tolist(), tokens.labels.tolist(), tokens.user_starts.tolist())
 
 
@@ -302,6 +303,25 @@ def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
 
 
+def encoded_batches(
+    examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase
+) -> Iterator[tuple[list[Example], list[Encoding]]]:
+    """The examples a batch at a time with their encodings. The Rust tokenizer encodes the next batch on a thread of
+    its own (it lets go of the GIL) while this one reads that batch's rows before and the caller works on this one."""
+    pending = iter(examples)
+    with ThreadPoolExecutor(1) as encoder:
+
+        def submit() -> tuple[list[Example], Future[list[Encoding]]]:
+            batch = list(itertools.islice(pending, ENCODE_BATCH))
+            return batch, encoder.submit(encode_texts, tokenizer, [example.text for example in batch])
+
+        batch, encodings = submit()
+        while batch:
+            following = submit()
+            yield batch, encodings.result()
+            batch, encodings = following
+
+
 def encode(
     examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
 ) -> list[Encoded]:
@@ -309,10 +329,9 @@ def encode(
     back the text of one (it would train garbage)."""
     cap = params.model.max_length if params.pack.overflow == "truncate" else None
     encoded = []
-    pending = iter(examples)
-    while batch := list(itertools.islice(pending, ENCODE_BATCH)):
+    for batch, encodings in encoded_batches(examples, tokenizer):
         texts = [example.text for example in batch]
-        tokenized = tokenize_batch(texts, tokenizer)
+        tokenized = tokenize_batch(texts, encodings)
         problems = round_trip_problems(texts, [token_ids for token_ids, _ in tokenized], tokenizer)
         for example, problem in zip(batch, problems, strict=True):
             if problem:
