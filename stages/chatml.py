@@ -54,15 +54,15 @@ def turns(text: str) -> list[re.Match[str]]:
     return list(TURN.finditer(text))
 
 
-def assistant_spans(text: str) -> list[tuple[int, int]]:
+def assistant_spans(text: str, found: list[re.Match[str]] | None = None) -> list[tuple[int, int]]:
     """The (start, end) character spans trained on: each assistant turn's content through its ``<|im_end|>``, so the
-    model learns to end its turn. Text outside turns, and headers, are context only."""
-    return [(turn.start(2), turn.end()) for turn in turns(text) if turn.group(1) == "assistant"]
+    model learns to end its turn. Text outside turns, and headers, are context only. `found`: turns(text), if known."""
+    return [(turn.start(2), turn.end()) for turn in found or turns(text) if turn.group(1) == "assistant"]
 
 
-def user_starts(text: str) -> list[int]:
+def user_starts(text: str, found: list[re.Match[str]] | None = None) -> list[int]:
     """The character offset of every user turn's header (where the original's masking closed a trained run)."""
-    return [turn.start() for turn in turns(text) if turn.group(1) == "user"]
+    return [turn.start() for turn in found or turns(text) if turn.group(1) == "user"]
 
 
 def generation_prompt(messages: list[dict[str, str]]) -> str:

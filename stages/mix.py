@@ -250,10 +250,11 @@ def tokenize_batch(texts: Sequence[str], encodings: Sequence[Encoding]) -> list[
         token_ids = encoding.ids
         ids = np.array(token_ids, dtype=np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-        for start, end in assistant_spans(text):
+        found = turns(text)
+        for start, end in assistant_spans(text, found):
             first, stop = first_token_from(encoding, start, len(text)), first_token_from(encoding, end, len(text))
             labels[first:stop] = ids[first:stop]
-        turn_starts = [token_holding(encoding, start, len(text)) for start in user_starts(text)]
+        turn_starts = [token_holding(encoding, start, len(text)) for start in user_starts(text, found)]
         out.append((token_ids, TokenArrays(ids, labels, np.array(turn_starts, dtype=np.int32))))
     return out
 
