@@ -98,8 +98,8 @@ def resolve(requested: str, dtype: torch.dtype) -> str:
                        "of a packed row on the CPU (no mask built)")  # fmt: skip
         elif requested != VARLEN:
             raise click.ClickException(
-                f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible "
-                "(torch 2.13 refuses flex_attention's backward pass on CPU); set it to auto, varlen or sdpa in params.yaml"
+                f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible (torch 2.13 refuses "
+                "flex_attention's backward pass on CPU); set it to auto, varlen or sdpa in params.yaml"
             )
         return VARLEN
     if requested != "auto":
@@ -196,7 +196,8 @@ def varlen_attention(
                                                      dtype=torch.int32)  # fmt: skip
         max_length_q = max_length_k = tokens
     kernel, dtype = kernel_for(query, module)
-    # (tokens, heads, head_dim): a view, not a copy, of the projections transformers made (batch, tokens, heads, ...)
+    # (tokens, heads, head_dim): the layout transformers' projections already have in memory, so on a CPU these are
+    # views (a copy only where the CUDA kernel needs a cast)
     query, key, value = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], head_dim).to(dtype)
                          for t in (query, key, value))  # fmt: skip
     output = kernel(
