@@ -1,9 +1,12 @@
 """Training on a CPU, same tiny model (the demo base), same LoRA and batch, same number of optimizer steps:
 
-- ours: the train stage itself (`friction train`: evaluation, checkpoints, dvclive, adapter) on pack's bfd rows.
-- bare TRL: a plain SFTTrainer with padding-free batching on the same bfd rows, nothing else (our overhead).
+- ours: the train stage itself (`friction train`: evaluation, checkpoints, dvclive, adapter) on pack's bfd rows, with
+  the attention `model.attn_implementation: auto` resolves to (on a CPU, varlen: one SDPA call per document).
+- bare TRL: a plain SFTTrainer with padding-free batching on the same bfd rows and the same attention, nothing else
+  (our overhead).
 - original: the original's collation: stacked rows (next-fit, one sequence a row, examples attend to each other), every
-  row padded to model.max_length, through the same SFTTrainer.
+  row padded to model.max_length, through the same SFTTrainer with transformers' default attention (sdpa, whose mask
+  hides only the padding).
 
 Real tokens/s is the median over optimizer steps of real (not padding) tokens over the step's time, the first step
 (warm-up) left out, as train.json's `steady_tokens_per_s` measures it for ours: evaluation and checkpoints fall outside
@@ -126,6 +129,8 @@ def train_variant(variant: str, workspace: Path, packed: Path) -> float:
     from stages.modeling import hf_model_with_adapter
 
     params = load_params(workspace / "params.yaml")
+    if variant == "original":  # varlen refuses padded rows; the original trained them with transformers' default
+        params = params.model_copy(update={"model": params.model.model_copy(update={"attn_implementation": "sdpa"})})
     train = params.train
     model, tokenizer = hf_model_with_adapter(params, workspace / "data/raw/manifest.json")
     rows = Dataset.from_parquet(str(packed / "train.parquet"))

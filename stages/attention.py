@@ -1,4 +1,4 @@
-"""Which attention kernel trains on the packed rows (`model.attn_implementation`), and torch's varlen kernel for it.
+"""Which attention kernel trains on the packed rows (`model.attn_implementation`), and the varlen kernels for it.
 
 Packed rows reach the model padding-free: TRL's collator concatenates a micro-batch into one sequence and sends
 `position_ids` that restart at every document plus `cu_seq_lens_q/k` and `max_length_q/k`; transformers hands those
@@ -7,12 +7,14 @@ implementation does with them:
 
 - `flash_attention_4` (the flash-attn-4 wheel, Hopper and newer; `make flash-attention-4`): transformers calls its
   varlen kernel with `cu_seq_lens`; no mask is built.
-- `varlen`: torch's own `torch.nn.attention.varlen.varlen_attn` (a flash kernel with `cu_seqlens`, CUDA), which
-  transformers does not wire in. `register_varlen` adds it to transformers' AttentionInterface, with the mask function
-  of flash attention, which builds no mask for packed rows.
+- `varlen`: on CUDA torch's own `torch.nn.attention.varlen.varlen_attn` (a flash kernel with `cu_seqlens`), which
+  transformers does not wire in; on CPU `per_document_attention`, one causal SDPA call per document (torch's CPU
+  flash path: the scores of each document with itself, sum(L_i²) of them, and no mask). `register_varlen` adds it to
+  transformers' AttentionInterface, with the mask function of flash attention, which builds no mask for packed rows.
 - `flex_attention`: a document BlockMask built from `position_ids`; blocks of other documents are skipped.
 - `sdpa`: transformers turns the packed rows into a dense block-diagonal (batch, 1, tokens, tokens) mask; SDPA's
-  flash path refuses masks, so every score of the micro-batch is computed. Right on any device; the CPU path.
+  flash path refuses masks, so every score of the micro-batch is computed. Right on any device, at the cost of that
+  mask.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from typing import Any
 
 import click
 import torch
+import torch.nn.functional as F
 
 IMPLEMENTATIONS = ("auto", "flash_attention_4", "varlen", "flex_attention", "sdpa")
-VARLEN = "varlen"  # the name under which `register_varlen` adds torch's kernel to transformers (no "flash", "sdpa"
+VARLEN = "varlen"  # the name under which `register_varlen` adds its kernels to transformers (no "flash", "sdpa"
 # or "flex" in it: transformers treats names containing those as its own implementations)
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # what the flash kernels compute in
 FLASH_ATTENTION_4_REMEDY = "install it on a Hopper or newer GPU with `make flash-attention-4`"
 
 # varlen_attn's signature: (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size, enable_gqa)
 VarlenKernel = Callable[..., torch.Tensor]
+CAUSAL = (-1, 0)  # varlen_attn's window_size for causal attention; it compares tuples (a list would not be causal)
 
 
 def flash_attention_4_problem() -> str | None:
@@ -83,20 +87,21 @@ def resolve(requested: str, dtype: torch.dtype) -> str:
     """The attention implementation that trains for `model.attn_implementation` = `requested` and weights of `dtype`.
 
     `auto` on a CUDA GPU takes the first of flash_attention_4, varlen and flex_attention that can run, each of which
-    keeps the packed documents apart without a dense mask; on a CPU it is sdpa. An explicit choice that cannot run
-    here stops the stage with the reason.
+    keeps the packed documents apart without a dense mask; on a CPU it is varlen, one SDPA call per document. An
+    explicit choice that cannot run here stops the stage with the reason.
     """
     if requested == "sdpa":
         return "sdpa"
     if not torch.cuda.is_available():
         if requested == "auto":
-            click.echo("train: model.attn_implementation auto uses sdpa: no CUDA GPU (a dense mask keeps the packed "
-                       "documents apart, as on CPU it must)")  # fmt: skip
-            return "sdpa"
-        raise click.ClickException(
-            f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible "
-            "(torch 2.13 refuses flex_attention's backward pass on CPU); set it to auto or sdpa in params.yaml"
-        )
+            click.echo("train: model.attn_implementation auto uses varlen: no CUDA GPU, so one SDPA call per document "
+                       "of a packed row on the CPU (no mask built)")  # fmt: skip
+        elif requested != VARLEN:
+            raise click.ClickException(
+                f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible (torch 2.13 refuses "
+                "flex_attention's backward pass on CPU); set it to auto, varlen or sdpa in params.yaml"
+            )
+        return VARLEN
     if requested != "auto":
         problem = gpu_problem(requested, dtype)
         if problem is not None:
@@ -114,63 +119,101 @@ def resolve(requested: str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def varlen_attention(kernel: VarlenKernel) -> Callable[..., tuple[torch.Tensor, None]]:
-    """An attention function in transformers' AttentionInterface signature that runs `kernel` on packed documents.
+def per_document_attention(
+    query: torch.Tensor,  # (tokens, heads, head_dim), documents one after another
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    *,
+    scale: float | None = None,
+    window_size: tuple[int, int],
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """torch's `varlen_attn` for a CPU: each document attends to itself alone, with one SDPA call per document.
 
-    `kernel` has the signature of torch's `varlen_attn`. The documents' boundaries are the `cu_seq_lens_q/k` that
-    TRL's padding-free collator sends; without them (plain batches), every row is one document.
+    A call without a mask takes torch's CPU flash kernel, in the dtype given, for all heads at once (GQA included), so
+    a packed row costs the sum of its documents' squared lengths, not its own. The documents are views of the packed
+    tensors (split's backward concatenates their gradients once). `max_q` and `max_k` are in the signature only: each
+    call knows its document's length.
     """
-
-    def attention(
-        module: torch.nn.Module,
-        query: torch.Tensor,  # (batch, heads, tokens, head_dim), as every transformers attention function gets it
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        dropout: float = 0.0,
-        scaling: float | None = None,
-        sliding_window: int | None = None,
-        cu_seq_lens_q: torch.Tensor | None = None,
-        cu_seq_lens_k: torch.Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        if attention_mask is not None:
-            # flash_attention_mask hands over a 2-D mask only when a row holds padding: the varlen kernel has no use
-            # for it, and packed rows never carry one.
-            raise ValueError("varlen attention takes unpadded or padding-free batches; this one has padding")
-        if sliding_window is not None or dropout:
-            raise ValueError("varlen attention supports neither sliding windows nor attention dropout")
-        batch, _, tokens, head_dim = query.shape
-        if cu_seq_lens_q is None:
-            cu_seq_lens_q = cu_seq_lens_k = torch.arange(0, (batch + 1) * tokens, tokens, device=query.device,
-                                                         dtype=torch.int32)  # fmt: skip
-            max_length_q = max_length_k = tokens
-        # The kernel wants (tokens, heads, head_dim) in bf16 or fp16; peft can hand float32 activations over.
-        dtype = query.dtype if query.dtype in HALF_DTYPES else module.config.dtype
-        query, key, value = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], head_dim).to(dtype)
-                             for t in (query, key, value))  # fmt: skip
-        output = kernel(
-            query, key, value, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
-            int(max_length_q), int(max_length_k),
-            scale=scaling,
-            window_size=(-1, 0),  # causal; varlen_attn compares with this tuple (a list would not be causal)
-            enable_gqa=query.shape[1] != key.shape[1],
-        )  # fmt: skip
-        return output.view(batch, tokens, -1, head_dim), None  # (batch, tokens, heads, head_dim), as sdpa's
-
-    return attention
+    if not torch.equal(cu_seq_q, cu_seq_k):
+        raise ValueError("per-document attention needs the same document boundaries for queries and keys")
+    if window_size != CAUSAL:
+        raise ValueError(f"per-document attention is causal, with no window; window_size {window_size}")
+    lengths = cu_seq_q.diff().tolist()
+    documents = zip(query.split(lengths), key.split(lengths), value.split(lengths), strict=True)
+    outputs = [
+        F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       is_causal=True, scale=scale, enable_gqa=enable_gqa)[0]
+        for q, k, v in documents
+    ]  # fmt: skip
+    return torch.cat([output.transpose(0, 1) for output in outputs])  # (tokens, heads, head_dim) again
 
 
-def register_varlen(kernel: VarlenKernel | None = None) -> None:
-    """Make `attn_implementation="varlen"` run `kernel` (torch's varlen_attn by default) with no mask built."""
+def kernel_for(query: torch.Tensor, module: torch.nn.Module) -> tuple[VarlenKernel, torch.dtype]:
+    """The varlen kernel for the device the attention runs on, and the dtype it computes in."""
+    if query.device.type != "cuda":
+        return per_document_attention, query.dtype  # torch's CPU flash path computes in float32 as well as bf16
+    from torch.nn.attention.varlen import varlen_attn
+
+    # The flash kernel computes in bf16 or fp16; peft can hand float32 activations over.
+    return varlen_attn, query.dtype if query.dtype in HALF_DTYPES else module.config.dtype
+
+
+def varlen_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (batch, heads, tokens, head_dim), as every transformers attention function gets it
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention function for `varlen`: the packed documents, each attending to itself, through the
+    kernel of `kernel_for`.
+
+    The documents' boundaries are the `cu_seq_lens_q/k` that TRL's padding-free collator sends; without them (plain
+    batches), every row is one document.
+    """
+    if attention_mask is not None:
+        # flash_attention_mask hands over a 2-D mask only when a row holds padding: the varlen kernels have no use
+        # for it, and packed rows never carry one.
+        raise ValueError("varlen attention takes unpadded or padding-free batches; this one has padding")
+    if sliding_window is not None or dropout:
+        raise ValueError("varlen attention supports neither sliding windows nor attention dropout")
+    batch, _, tokens, head_dim = query.shape
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q = cu_seq_lens_k = torch.arange(0, (batch + 1) * tokens, tokens, device=query.device,
+                                                     dtype=torch.int32)  # fmt: skip
+        max_length_q = max_length_k = tokens
+    kernel, dtype = kernel_for(query, module)
+    # (tokens, heads, head_dim): the layout transformers' projections already have in memory, so on a CPU these are
+    # views (a copy only where the CUDA kernel needs a cast)
+    query, key, value = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], head_dim).to(dtype)
+                         for t in (query, key, value))  # fmt: skip
+    output = kernel(
+        query, key, value, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
+        int(max_length_q), int(max_length_k),
+        scale=scaling, window_size=CAUSAL, enable_gqa=query.shape[1] != key.shape[1],
+    )  # fmt: skip
+    return output.view(batch, tokens, -1, head_dim), None  # (batch, tokens, heads, head_dim), as sdpa's
+
+
+def register_varlen() -> None:
+    """Make `attn_implementation="varlen"` run `varlen_attention`, with no mask built."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
-    if kernel is None:
-        from torch.nn.attention.varlen import varlen_attn as kernel
-    AttentionInterface.register(VARLEN, varlen_attention(kernel))
+    AttentionInterface.register(VARLEN, varlen_attention)
     # Registered mask functions are called with the packed rows; flash attention's returns None for them (and a
     # 2-D padding mask, which the attention function refuses, for padded rows). Without a registered mask function
     # transformers would pass no mask at all, silently ignoring padding.

@@ -1,8 +1,8 @@
 """Attention for packed rows (stages/attention.py) on CPU.
 
-torch's varlen kernel runs on CUDA only, so the registered wrapper is driven here by a reference kernel of the same
-signature (SDPA, one document at a time): the wrapper's part (the shapes, the boundaries from TRL's collator, GQA,
-causality, the mask that is never built) is what these tests check; the kernel's numerics are torch's.
+On a CPU, `varlen` runs `per_document_attention`, one SDPA call per document. It is checked against what does not
+share its code: each document trained alone, and sdpa's dense block-diagonal mask over the same packed batch. torch's
+CUDA varlen kernel does not run here; `resolve` is checked on pretended GPUs.
 """
 
 from __future__ import annotations
@@ -17,29 +17,14 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from stages import attention
 
-DOCUMENT_LENGTHS = [[5, 9, 3], [7, 2, 6, 4]]  # two packed rows, as pack writes seq_lengths
+DOCUMENT_LENGTHS = [[5, 9, 1, 3], [7, 2, 6, 4, 1]]  # two packed rows, as pack writes seq_lengths; 1: a lone token
 
 
-def per_document_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                           enable_gqa=False):  # fmt: skip
-    """torch.nn.attention.varlen.varlen_attn's contract, on CPU: SDPA over each document alone."""
-    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
-    assert max_q == max_k == int(cu_seq_q.diff().max())
-    outputs = []
-    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
-        q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # (1, heads, len, dim)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=window_size == (-1, 0), scale=scale,
-                                             enable_gqa=enable_gqa)  # fmt: skip
-        outputs.append(out.squeeze(0).transpose(0, 1))
-    return torch.cat(outputs)
-
-
-@pytest.fixture
-def varlen_on_cpu():
-    """`attn_implementation="varlen"` registered as the stage registers it, with the reference kernel."""
-    attention.register_varlen(per_document_attention)
-    yield attention.VARLEN
-    attention.register_varlen()  # torch's kernel again, as the stage leaves it
+@pytest.fixture(scope="module")
+def varlen() -> str:
+    """`attn_implementation="varlen"` registered as the train stage registers it."""
+    attention.register_varlen()
+    return attention.VARLEN
 
 
 @pytest.fixture(scope="module")
@@ -82,39 +67,99 @@ def separate_documents_loss_and_gradients(model, documents) -> tuple[torch.Tenso
     model.zero_grad()
     counts = [int((labels[1:] != -100).sum()) for _, labels in documents]  # the shifted labels each one trains on
     total = sum(model(input_ids=ids[None], labels=labels[None], use_cache=False).loss * count
-                for (ids, labels), count in zip(documents, counts)) / sum(counts)  # fmt: skip
+                for (ids, labels), count in zip(documents, counts) if count) / sum(counts)  # fmt: skip
     total.backward()
     return total.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 def test_the_collator_hands_document_boundaries_to_the_model():
     batch, _ = packed_batch()
-    assert batch["input_ids"].shape == (1, 36)  # both rows in one sequence
-    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 14, 17, 24, 26, 32, 36]
+    assert batch["input_ids"].shape == (1, 38)  # both rows in one sequence
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 14, 15, 18, 25, 27, 33, 37, 38]
     assert batch["max_length_q"] == 9 and "attention_mask" not in batch
 
 
-def test_varlen_gives_each_documents_own_loss_and_gradients(tiny_model, varlen_on_cpu):
-    batch, documents = packed_batch()
-    loss, gradients = loss_and_gradients(tiny_model, varlen_on_cpu, batch)
-    expected_loss, expected_gradients = separate_documents_loss_and_gradients(tiny_model, documents)
+def assert_same_loss_and_gradients(actual, expected) -> None:
+    (loss, gradients), (expected_loss, expected_gradients) = actual, expected
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
     for name, gradient in gradients.items():
         torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_varlen_without_boundaries_treats_each_row_as_one_document(tiny_model, varlen_on_cpu):
+def test_varlen_gives_each_documents_own_loss_and_gradients(tiny_model, varlen):
+    batch, documents = packed_batch()
+    assert_same_loss_and_gradients(loss_and_gradients(tiny_model, varlen, batch),
+                                   separate_documents_loss_and_gradients(tiny_model, documents))  # fmt: skip
+
+
+def test_varlen_trains_as_sdpa_with_its_dense_mask_does(tiny_model, varlen):
+    batch, _ = packed_batch()
+    assert_same_loss_and_gradients(loss_and_gradients(tiny_model, varlen, batch),
+                                   loss_and_gradients(tiny_model, "sdpa", batch))  # fmt: skip
+
+
+def test_varlen_logits_of_every_token_are_its_documents_alone(tiny_model, varlen):
+    """Logits, not the loss: the lone-token documents train on no label, but each still gets its own attention."""
+    batch, documents = packed_batch()
+    with torch.no_grad():
+        tiny_model.set_attn_implementation(varlen)
+        packed = tiny_model(**batch, use_cache=False).logits[0]
+        tiny_model.set_attn_implementation("sdpa")
+        alone = torch.cat([tiny_model(input_ids=ids[None], use_cache=False).logits[0] for ids, _ in documents])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def block_diagonal_causal_mask(lengths: list[int]) -> torch.Tensor:
+    document = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    position = torch.arange(len(document))
+    return (document[:, None] == document[None, :]) & (position[:, None] >= position[None, :])
+
+
+@pytest.mark.parametrize("key_value_heads", [2, 6], ids=["grouped-query", "one-key-value-head-per-query-head"])
+def test_per_document_attention_is_sdpa_with_a_block_diagonal_mask(key_value_heads):
+    """The kernel alone, in varlen_attn's layout (tokens, heads, head_dim), forward and backward, in float32."""
+    lengths = [1, 17, 4, 1, 30, 9]
+    generator = torch.Generator().manual_seed(4)
+    query, key, value = (torch.randn(sum(lengths), heads, 16, generator=generator, requires_grad=True)
+                         for heads in (6, key_value_heads, key_value_heads))  # fmt: skip
+    cu_seq = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    grouped = key_value_heads != 6
+    output = attention.per_document_attention(query, key, value, cu_seq, cu_seq, max(lengths), max(lengths),
+                                              scale=0.3, window_size=attention.CAUSAL, enable_gqa=grouped)  # fmt: skip
+    expected = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (query, key, value)),
+                                              attn_mask=block_diagonal_causal_mask(lengths), scale=0.3,
+                                              enable_gqa=grouped).transpose(0, 1)  # fmt: skip
+    assert output.dtype == torch.float32 and output.shape == expected.shape
+    torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
+    upstream = torch.randn(output.shape, generator=generator)
+    gradients = torch.autograd.grad(output, (query, key, value), upstream)
+    expected_gradients = torch.autograd.grad(expected, (query, key, value), upstream)
+    for name, gradient, expected_gradient in zip("qkv", gradients, expected_gradients):
+        torch.testing.assert_close(gradient, expected_gradient, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_per_document_attention_refuses_what_it_does_not_compute():
+    tokens = torch.zeros(4, 2, 8)
+    cu_seq = torch.tensor([0, 2, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="causal"):
+        attention.per_document_attention(tokens, tokens, tokens, cu_seq, cu_seq, 2, 2, window_size=(-1, -1))
+    with pytest.raises(ValueError, match="same document boundaries"):
+        attention.per_document_attention(tokens, tokens, tokens, cu_seq, torch.tensor([0, 1, 4], dtype=torch.int32),
+                                         2, 3, window_size=attention.CAUSAL)  # fmt: skip
+
+
+def test_varlen_without_boundaries_treats_each_row_as_one_document(tiny_model, varlen):
     ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        tiny_model.set_attn_implementation(varlen_on_cpu)
+        tiny_model.set_attn_implementation(varlen)
         varlen_logits = tiny_model(input_ids=ids, use_cache=False).logits
         tiny_model.set_attn_implementation("sdpa")
         sdpa_logits = tiny_model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(varlen_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_varlen_refuses_padded_rows_instead_of_ignoring_the_padding(tiny_model, varlen_on_cpu):
-    tiny_model.set_attn_implementation(varlen_on_cpu)
+def test_varlen_refuses_padded_rows_instead_of_ignoring_the_padding(tiny_model, varlen):
+    tiny_model.set_attn_implementation(varlen)
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
     padded = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     with pytest.raises(ValueError, match="has padding"):
@@ -137,11 +182,11 @@ def masks_built(monkeypatch, model, implementation: str, batch: dict) -> list:
     return built
 
 
-def test_varlen_builds_no_mask_where_sdpa_builds_a_dense_one(tiny_model, varlen_on_cpu, monkeypatch):
+def test_varlen_builds_no_mask_where_sdpa_builds_a_dense_one(tiny_model, varlen, monkeypatch):
     batch, _ = packed_batch()
-    assert masks_built(monkeypatch, tiny_model, varlen_on_cpu, batch) == [None]
+    assert masks_built(monkeypatch, tiny_model, varlen, batch) == [None]
     (dense,) = masks_built(monkeypatch, tiny_model, "sdpa", batch)
-    assert dense.shape == (1, 1, 36, 36)  # every score of the micro-batch, most of them masked
+    assert dense.shape == (1, 1, 38, 38)  # every score of the micro-batch, most of them masked
     assert int(dense.sum()) == sum(n * (n + 1) // 2 for lengths in DOCUMENT_LENGTHS for n in lengths)
 
 
@@ -168,16 +213,23 @@ def gpu(monkeypatch):
     return set_capability
 
 
-def test_auto_is_sdpa_on_cpu_and_says_so(monkeypatch, capsys):
+def test_auto_is_per_document_varlen_on_cpu_and_says_so(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attention.resolve("auto", torch.float32) == "sdpa"
-    assert "auto uses sdpa: no CUDA GPU" in capsys.readouterr().out
+    assert attention.resolve("auto", torch.float32) == attention.VARLEN
+    assert "auto uses varlen: no CUDA GPU, so one SDPA call per document" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("requested", ["flash_attention_4", "varlen", "flex_attention"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_asked_for_on_cpu_runs_there_in_any_precision(monkeypatch, dtype):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention.resolve("varlen", dtype) == attention.VARLEN
+
+
+@pytest.mark.parametrize("requested", ["flash_attention_4", "flex_attention"])
 def test_a_gpu_kernel_asked_for_on_cpu_says_what_to_set(monkeypatch, requested):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(click.ClickException, match=f"attn_implementation: {requested} needs a CUDA GPU.*auto or sdpa"):
+    with pytest.raises(click.ClickException,
+                       match=f"attn_implementation: {requested} needs a CUDA GPU.*auto, varlen or sdpa"):  # fmt: skip
         attention.resolve(requested, torch.bfloat16)
 
 
@@ -210,7 +262,7 @@ def test_the_training_model_loads_with_the_resolved_implementation(demo_params, 
     from stages import modeling
 
     model, _ = modeling.hf_model_with_adapter(demo_params, tiny_manifest_for_attention)
-    assert model.get_base_model().config._attn_implementation == "sdpa"  # auto, on this CPU
+    assert model.get_base_model().config._attn_implementation == attention.VARLEN  # auto, on this CPU
 
 
 @pytest.fixture
