@@ -216,7 +216,7 @@ def why_not_here(variant: Variant) -> str | None:
             return "4-bit loading needs a CUDA GPU"
         if variant.gpus > 1:
             return "DDP over GPUs needs CUDA GPUs"
-        if variant.attention not in ("auto", "sdpa"):
+        if variant.attention not in ("auto", "sdpa", "varlen"):  # varlen on a CPU: one SDPA call per document
             return f"{variant.attention} needs a CUDA GPU"
         return None
     if torch.cuda.device_count() < variant.gpus:

@@ -36,7 +36,8 @@ class ModelParams(Section):
     load_in_4bit: bool = False
     attn_implementation: Literal["auto", "flash_attention_4", "varlen", "flex_attention", "sdpa"] = "auto"
     """The attention kernel of training (stages/attention.py). auto: on a CUDA GPU the first of flash_attention_4,
-    varlen and flex_attention that runs there, all of which skip the other documents of a packed row; sdpa on CPU.
+    varlen and flex_attention that runs there, all of which skip the other documents of a packed row; varlen on a
+    CPU (one SDPA call per document).
     metrics/train.json records the one used."""
 
     @model_validator(mode="after")

@@ -59,16 +59,17 @@ def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {row["variant"]: row for row in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert list(rows) == [variant.name for variant in bench.SUITES["attention"]]
-    trained = rows.pop("0.5b-bf16-sdpa")  # the one variant of the suite a CPU can run
-    assert trained["mfu"] is None  # no MFU on a CPU
-    assert (trained["train"]["steps"], trained["train"]["attn_implementation"], trained["train"]["processes"]) == (
-        4, "sdpa", 1)  # fmt: skip
-    # Every step is 8 rows of 256 tokens, padding-free, and the median is over the last three steps.
-    assert trained["train"]["steady_tokens_per_s"] == pytest.approx(
-        2048 / trained["train"]["step_seconds_median"], rel=1e-3
-    )
-    assert "| 0.5b-bf16-sdpa | sdpa | 1 |" in result.stdout
-    assert rows["0.5b-bf16-varlen"]["skipped"] == "varlen needs a CUDA GPU"
+    for attention in ("sdpa", "varlen"):  # the variants of the suite a CPU can run
+        trained = rows.pop(f"0.5b-bf16-{attention}")
+        assert trained["mfu"] is None  # no MFU on a CPU
+        assert (trained["train"]["steps"], trained["train"]["attn_implementation"], trained["train"]["processes"]) == (
+            4, attention, 1)  # fmt: skip
+        # Every step is 8 rows of 256 tokens, padding-free, and the median is over the last three steps.
+        assert trained["train"]["steady_tokens_per_s"] == pytest.approx(
+            2048 / trained["train"]["step_seconds_median"], rel=1e-3
+        )
+        assert f"| 0.5b-bf16-{attention} | {attention} | 1 |" in result.stdout
+    assert rows["0.5b-bf16-flex_attention"]["skipped"] == "flex_attention needs a CUDA GPU"
     assert rows["7b-4bit-sdpa"]["skipped"] == "4-bit loading needs a CUDA GPU"
     assert rows["0.5b-bf16-auto-2gpus"]["skipped"] == "DDP over GPUs needs CUDA GPUs"
     assert "| 7b-4bit-flash_attention_4 | skipped: 4-bit loading needs a CUDA GPU |" in result.stdout
