@@ -166,7 +166,9 @@ def reluctance_text(row: dict) -> str:
     return text
 
 
-def read_source(path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict]) -> Iterator[Example]:
+def read_source(
+    path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict]
+) -> Iterator[Example]:
     """Parse one fetched source a line at a time: yield its examples, and add a record to `dropped` for every row
     that cannot be trained on."""
     with path.open("rb") as handle:
@@ -242,9 +244,10 @@ def first_token_from(encoding: Encoding, position: int, text_length: int) -> int
 
 def tokenize_batch(texts: Sequence[str], encodings: Sequence[Encoding]) -> list[tuple[list[int], TokenArrays]]:
     """From each text's encoding (`encode_texts`): its token ids (a list, for the round-trip check) with the special
-    tokens the tokenizer adds (its BOS), and its TokenArrays: labelled where a token starts inside an assistant span; user_starts the first token holding each
-    user header's first character. Token boundaries come from the Rust encoding's char_to_token at the few span
-    edges, not from every token's offsets, whose conversion to Python would cost a third of the encoding itself."""
+    tokens the tokenizer adds (its BOS), and its TokenArrays: labelled where a token starts inside an assistant span;
+    user_starts the first token holding each user header's first character. Token boundaries come from the Rust
+    encoding's char_to_token at the few span edges, not from every token's offsets, whose conversion to Python would
+    cost a third of the encoding itself."""
     out = []
     for text, encoding in zip(texts, encodings, strict=True):
         token_ids = encoding.ids

@@ -437,7 +437,8 @@ def read_token_lists(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.nd
             lengths[name].append(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     return (
         {name: values[: filled[name]] for name, values in flat.items()},
-        {name: np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64) for name, parts in lengths.items()},
+        {name: np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+         for name, parts in lengths.items()},  # fmt: skip
     )
 
 

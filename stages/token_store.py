@@ -80,7 +80,8 @@ class TokenStore:
         sizes["labels"] = sizes["input_ids"]
         offsets = {name: np.concatenate([[0], np.cumsum(size)]).astype(np.int64) for name, size in sizes.items()}
         text = np.empty(int(offsets["text"][-1]), dtype=np.uint8)
-        tokens = {name: np.empty(int(offsets[name][-1]), dtype=TOKEN) for name in ("input_ids", "labels", "user_starts")}
+        tokens = {name: np.empty(int(offsets[name][-1]), dtype=TOKEN) for name in ("input_ids", "labels",
+                                                                                  "user_starts")}  # fmt: skip
         descriptor = self.file.fileno()
         for index in sorted(range(len(rows)), key=lambda i: rows[i].offset):
             row = rows[index]
