@@ -95,16 +95,23 @@ def demo_workspace(path: Path, params: dict[str, Any] | None = None) -> Path:
         shutil.rmtree(path)
     shutil.copytree(REPO / "data/sources/demo", path / "data/sources/demo")
     shutil.copytree(REPO / "data/eval", path / "data/eval")
-    yaml = YAML()
-    recipe = yaml.load(REPO / "recipes/demo.yaml")
-    for section, values in (params or {}).items():
-        if isinstance(values, dict):
-            recipe[section].update(values)
-        else:
-            recipe[section] = values
-    yaml.dump(recipe, path / "params.yaml")
+    shutil.copyfile(REPO / "recipes/demo.yaml", path / "params.yaml")
+    update_params(path / "params.yaml", params or {})
     run_measured(["friction", "demo-base", "--out", DEMO_BASE], path)
     return path
+
+
+def update_params(path: Path, changes: dict[str, Any]) -> None:
+    """Set keys of a params.yaml in place, section by section (a dict updates its section, anything else replaces
+    it), keeping the file's comments and order."""
+    yaml = YAML()
+    params = yaml.load(path)
+    for section, values in changes.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    yaml.dump(params, path)
 
 
 def machine() -> dict[str, Any]:

@@ -18,9 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from ruamel.yaml import YAML
 
-from bench.common import DEMO_BASE, REPO, bench_env, interleaved, ratio, run_measured, stage_command
+from bench.common import (
+    DEMO_BASE,
+    REPO,
+    bench_env,
+    interleaved,
+    ratio,
+    run_measured,
+    spread,
+    stage_command,
+    update_params,
+)
 from stages.config import load_params
 
 PROBE = Path(__file__).resolve().parent / "probe"
@@ -86,12 +95,13 @@ def tokenization_passes(workspace: Path, log: Path) -> dict[str, Any]:
             "mean_passes": sum(passes) / len(passes), "texts_tokenized_by_stage": by_stage}  # fmt: skip
 
 
-def set_eval_batch(workspace: Path, batch_size: int, prompts: int) -> None:
-    yaml = YAML()
-    params = yaml.load(workspace / "params.yaml")
-    params["evaluate"]["batch_size"] = batch_size
-    params["evaluate"]["max_prompts"] = prompts
-    yaml.dump(params, workspace / "params.yaml")
+def probe_seconds(log: Path) -> Counter[str]:
+    """The seconds each timer of the probe's log adds up to."""
+    seconds: Counter[str] = Counter()
+    for record in map(json.loads, log.read_text().splitlines()):
+        if "timer" in record:
+            seconds[record["timer"]] += record["seconds"]
+    return seconds
 
 
 def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
@@ -102,16 +112,12 @@ def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
     timers: dict[str, list[dict[str, float]]] = {"batched": [], "one_at_a_time": []}
 
     def variant(name: str, batch_size: int) -> float:
-        set_eval_batch(workspace, batch_size, prompts=batch)
+        update_params(workspace / "params.yaml", {"evaluate": {"batch_size": batch_size, "max_prompts": batch}})
         log = scratch / f"eval-{name}-{len(timers[name])}.jsonl"
         log.unlink(missing_ok=True)
         command = stage_command("evaluate", samples=scratch / "samples.jsonl", metrics=scratch / "evaluate.json")
         run = run_measured(command, workspace, probe_env(log))
-        seconds: dict[str, float] = Counter()
-        for record in map(json.loads, log.read_text().splitlines()):
-            if "timer" in record:
-                seconds[record["timer"]] += record["seconds"]
-        timers[name].append(dict(seconds))
+        timers[name].append(dict(probe_seconds(log)))
         return run.seconds
 
     try:
@@ -121,8 +127,6 @@ def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
         (workspace / "params.yaml").write_text(original)
     generation = {name: [t["generate"] for t in values] for name, values in timers.items()}
     loss = {name: [t["validation_loss"] for t in values] for name, values in timers.items()}
-    from bench.common import spread
-
     generation_spread = {name: spread(values) for name, values in generation.items()}
     return {
         "prompts": batch,

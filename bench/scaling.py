@@ -28,7 +28,7 @@ from bench.common import (
     stage_command,
 )
 from bench.corpus import SOURCES, write_sources
-from bench.pipeline import probe_env
+from bench.pipeline import probe_env, probe_seconds
 
 NO_HASHES = {"FRICTION_BENCH_PROBE_HASHES": "0"}  # only the encoding's seconds: a digest of every text would cost more
 
@@ -46,8 +46,7 @@ def measure(workspace: Path, size: int, runs: int) -> dict[str, Any]:
     for attempt in range(runs):
         log = workspace / f"probe-{size}-{attempt}.jsonl"
         stages["mix"].append(run_measured(stage_command("mix"), workspace, {**probe_env(log), **NO_HASHES}))
-        stages["tokenizer"].append(sum(record["seconds"] for record in map(json.loads, log.read_text().splitlines())
-                                       if record.get("timer") == "encode_texts"))  # fmt: skip
+        stages["tokenizer"].append(probe_seconds(log)["encode_texts"])
         stages["pack"].append(run_measured(stage_command("pack"), workspace))
     report = json.loads((workspace / "metrics/pack.json").read_text())
     mixed = json.loads((workspace / "metrics/mix.json").read_text())

@@ -29,7 +29,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved, ratio, run_measured, stage_command  # noqa: E402
+from bench.common import interleaved, ratio, run_measured, stage_command, update_params  # noqa: E402
 
 STEPS = {"demo": 8, "card_like": 8}  # optimizer steps per run; the first one (warm-up) is not counted, the median of the
 # other seven is steady against a step that jitters (with three steps, two were measured: one slow step moved the median)
@@ -44,16 +44,6 @@ def write_packed(examples: Any, params: Any, strategy: str, out: Path, bos: int 
     table, _ = pack_columns(examples, with_strategy(params, strategy, params.model.max_length), bos)
     write_parquet(table, out / "train.parquet")
     write_parquet(table.slice(0, 2), out / "validation.parquet")  # the stage evaluates: keep that part small
-
-
-def set_params(workspace: Path, max_length: int, steps: int) -> None:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    params = yaml.load(workspace / "params.yaml")
-    params["model"]["max_length"] = max_length
-    params["train"]["max_steps"] = steps
-    yaml.dump(params, workspace / "params.yaml")
 
 
 def ours(workspace: Path, packed: Path, scratch: Path, count: list[int], whole_run: list[float]) -> float:
@@ -97,7 +87,8 @@ def run(scratch: Path, runs: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         for name, max_length in (("demo", 1024), ("card_like", 4096)):
-            set_params(workspace, max_length, STEPS[name])
+            update_params(workspace / "params.yaml", {"model": {"max_length": max_length},
+                                                      "train": {"max_steps": STEPS[name]}})
             params = load_params(workspace / "params.yaml")
             examples, bos = read_split(workspace / "data/mixed/train.parquet", params)
             if name == "card_like":

@@ -3,7 +3,7 @@
 It reads `input_ids`, `labels` and `user_starts` of every example from data/mixed/*.parquet and writes rows of
 `input_ids`, `labels` (-100 where nothing is trained) and `seq_lengths`, TRL's padding-free format. Tokens stay in
 flat numpy arrays from read to write (`TokenColumns`), a few bytes a token instead of a Python object each, and
-best-fit-decreasing finds a row in O(log max_length), so a million examples pack in seconds per million.
+best-fit-decreasing finds a row in O(log max_length), so a million examples pack in seconds.
 
 Over-length examples, `pack.overflow`:
 - truncate: keep the first max_length tokens.
@@ -39,6 +39,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import click
@@ -213,6 +214,7 @@ def stacked_labels(ids: np.ndarray, labels: np.ndarray, user_start: np.ndarray, 
     last_event = np.maximum.accumulate(np.where(event >= 0, np.arange(len(event)), 0))
     return np.where(event[last_event] == 1, ids, IGNORE_INDEX)
 
+
 CHUNK_TOKENS = 1 << 22  # rows are laid out this many tokens at a time, to bound the temporary index arrays
 
 
@@ -264,13 +266,17 @@ class Layout:
     piece_lengths: np.ndarray
     piece_offsets: np.ndarray  # row r holds pieces piece_offsets[r]:piece_offsets[r + 1]
     row_lengths: np.ndarray  # tokens, its BOS included
-    row_offsets: np.ndarray  # where each row starts in the rows laid end to end
     bos: int | None  # stacked: the BOS that starts every row
     stacked: bool
     counts: Counter[str]
 
     def __len__(self) -> int:
         return len(self.row_lengths)
+
+    @cached_property
+    def row_offsets(self) -> np.ndarray:
+        """Where each row starts in the rows laid end to end, and where the last ends."""
+        return np.concatenate([[0], np.cumsum(self.row_lengths)]).astype(np.int64)
 
     def rows(self, first: int, last: int) -> pa.Table:
         """Rows first..last-1 as a table of PACKED_SCHEMA."""
@@ -332,7 +338,6 @@ def plan(examples: TokenColumns, params: Params, bos: int | None = None) -> Layo
         piece_lengths=lengths[order],
         piece_offsets=np.concatenate([[0], np.cumsum(pieces_per_row)]).astype(np.int64),
         row_lengths=row_lengths,
-        row_offsets=np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int64),
         bos=bos if row_bos else None,
         stacked=stacked,
         counts=counts,

@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.chatml import IGNORE_INDEX
 
 TOKEN_IDS = pa.list_(pa.int32())
 MIXED_SCHEMA = pa.schema(
@@ -76,10 +75,6 @@ class TokenizedExample:
     def cut(self, start: int, end: int) -> TokenizedExample:
         starts = [index - start for index in self.user_starts if start <= index < end]
         return TokenizedExample(self.input_ids[start:end], self.labels[start:end], starts)
-
-    @property
-    def trained(self) -> bool:
-        return any(label != IGNORE_INDEX for label in self.labels)
 
 
 def read_parquet(path: Path, columns: list[str] | None = None, rerun: str = "") -> pa.Table:
