@@ -388,6 +388,10 @@ def read_split(path: Path, params: Params) -> tuple[TokenColumns, int | None]:
     missing = [name for name in MIXED_COLUMNS if name not in schema.names]
     if missing:
         raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun mix")
+    for name in TOKEN_LISTS:
+        kind = schema.field(name).type
+        if not pa.types.is_list(kind) or not (pa.types.is_integer(kind.value_type) or pa.types.is_null(kind.value_type)):
+            raise click.ClickException(f"{path}: column {name!r} is {kind}, not lists of token ids; rerun mix")
     try:
         flat, lengths = read_token_lists(path)
     except (pa.ArrowException, OSError) as error:

@@ -425,6 +425,10 @@ def test_over_length_example_under_drop_means_mix_is_stale(
             r"train\.parquet row 0 \(id a\): 2 input_ids but 1 labels",
         ),
         ("not parquet", r"train\.parquet: not a readable Parquet file"),
+        (
+            pa.table({"id": ["a"], "input_ids": [["x"]], "labels": [[1]], "user_starts": [[]]}),
+            r"train\.parquet: column 'input_ids' is list<element: string>, not lists of token ids; rerun mix",
+        ),
     ],
 )
 def test_bad_mixed_files_name_the_file_and_row(
