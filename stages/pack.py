@@ -390,7 +390,8 @@ def read_split(path: Path, params: Params) -> tuple[TokenColumns, int | None]:
         raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun mix")
     for name in TOKEN_LISTS:
         kind = schema.field(name).type
-        if not pa.types.is_list(kind) or not (pa.types.is_integer(kind.value_type) or pa.types.is_null(kind.value_type)):
+        values = kind.value_type if pa.types.is_list(kind) else None
+        if values is None or not (pa.types.is_integer(values) or pa.types.is_null(values)):  # null: all lists empty
             raise click.ClickException(f"{path}: column {name!r} is {kind}, not lists of token ids; rerun mix")
     try:
         flat, lengths = read_token_lists(path)
