@@ -1,3 +1,4 @@
+# make lock: rewrite requirements/lock*.txt from pyproject.toml (uv); make setup installs exactly the lock
 # make demo: the whole pipeline on bundled sample data and a tiny model, CPU, offline (~40 s after install)
 # make test: the test suite (what CI runs)
 # make train / make repro: the recipe in params.yaml (the seed card's: needs a CUDA GPU and the Hub)
@@ -10,6 +11,8 @@ DEMO_BASE := data/sources/demo-base
 # The one-machine default remote when none is set: this clone's dvc-remote/ folder, written as an absolute path.
 DEFAULT_REMOTE := $(CURDIR)/dvc-remote
 STAMP := $(VENV)/.installed
+LOCK ?= requirements/lock.txt
+TORCH_CPU_WHEELS ?= /opt/wheels
 GIT_IDENTITY := git config user.email >/dev/null || git config user.email demo@localhost; git config user.name >/dev/null || git config user.name demo
 # make compare: dvc exp show with the columns people compare (it has one per count of every stage's report):
 # the params that differ, and these metrics.
@@ -19,18 +22,28 @@ PARAM_COLUMNS := seed|recipe|(model|data|mix|pack|lora|train|evaluate|card)\.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test bench repro train recipe cuda unsloth flash-attention-4 clean remote pull compare release
+.PHONY: setup lock demo test bench repro train recipe cuda unsloth flash-attention-4 clean remote pull compare release
 
 setup: $(STAMP)
 	@friction remote --local --if-unset $(DEFAULT_REMOTE)
 
-# torch first and alone: anything that pulls it in as a dependency would take the multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# Exactly the lock (every package pinned, with hashes), then this project on top without dependencies.
+# On a CUDA machine: make setup LOCK=requirements/lock-cuda.txt
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
+
+# make lock: rewrite both lock files from pyproject.toml's pins (uv). The CPU lock takes torch's CPU build from
+# TORCH_CPU_WHEELS (a folder or index holding it); the CUDA lock takes PyPI's (CUDA) torch and the cuda extra.
+lock:
+	@test -x $(VENV)/bin/uv || { $(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install --quiet uv==0.13.10; }
+	$(VENV)/bin/uv pip compile pyproject.toml --quiet --extra test --generate-hashes --python-version 3.11 \
+		--find-links $(TORCH_CPU_WHEELS) --output-file requirements/lock.txt
+	$(VENV)/bin/uv pip compile pyproject.toml --quiet --extra test --extra cuda --generate-hashes --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --output-file requirements/lock-cuda.txt
 
 # A scratch copy of this working tree whose params.yaml is recipes/demo.yaml; the workspace itself is untouched.
 # The tiny base is tracked by DVC (dvc add) so that queued experiments, which run in a temporary copy of the last
@@ -53,6 +66,8 @@ demo: $(STAMP)
 	@echo "  experiment:  cd $(DEMO_DIR) && dvc exp run -S lora.rank=4 && make compare   (with .venv/bin on PATH)"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 # make bench: the CPU benchmarks (bench/run.py, mix and pack up to a million examples; within 15 min on 2 quiet cores);

@@ -26,7 +26,7 @@ PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "tokenizers", "p
 
 def stage_command(stage: str, **paths: Path | str) -> list[str]:
     """`friction <stage>` as this repository's dvc.yaml runs it, with `paths` replaced (see stage_argv)."""
-    from stages.pipeline import stage_argv
+    from friction.pipeline import stage_argv
 
     return stage_argv(stage, REPO / "dvc.yaml", **paths)
 

@@ -22,8 +22,8 @@ from datasets import Dataset
 from trl.data_utils import pack_dataset
 
 from bench.common import interleaved, ratio
-from stages.chatml import IGNORE_INDEX
-from stages.config import Params
+from friction.chatml import IGNORE_INDEX
+from friction.config import Params
 from stages.pack import TokenColumns, pack_columns, read_split
 
 CARD_EXAMPLES = 6000

@@ -30,7 +30,7 @@ from bench.common import (
     stage_command,
     update_params,
 )
-from stages.config import load_params
+from friction.config import load_params
 
 PROBE = Path(__file__).resolve().parent / "probe"
 STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
@@ -105,7 +105,7 @@ def probe_seconds(log: Path) -> Counter[str]:
 
 
 def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
-    """`friction evaluate` answering one batch of the demo's `evaluate.batch_size` prompts, in that batch against one
+    """`python -m stages evaluate` answering one batch of the demo's `evaluate.batch_size` prompts, in that batch against one
     at a time: stage seconds, and the seconds in generation and in validation loss (from the probe)."""
     batch = load_params(workspace / "params.yaml").evaluate.batch_size
     original = (workspace / "params.yaml").read_text()

@@ -71,7 +71,7 @@ def training_section(training: dict[str, Any]) -> list[str]:
         "### 2. Training: our train stage against the original collation and against bare TRL",
         "",
         "Same tiny model (the demo base), LoRA, batch and steps. Real (not padding) tokens/s, the median over "
-        "optimizer steps with the first left out; ours is `friction train` itself (its evaluation and checkpoints "
+        "optimizer steps with the first left out; ours is `python -m stages train` itself (its evaluation and checkpoints "
         "fall outside the steps; its whole-run rate with them is in the raw JSON).",
         "",
         "| lengths | steps | ours | bare TRL (same rows) | original collation | ours / original | ours / bare TRL | original / ours row slots |",
@@ -112,7 +112,7 @@ def pipeline_section(pipeline: dict[str, Any]) -> list[str]:
     return [
         "### 3. Evaluation: batched generation against one prompt at a time",
         "",
-        f"`friction evaluate` answering {evaluation['prompts']} prompts (base and base + adapter), in one batch or one "
+        f"`python -m stages evaluate` answering {evaluation['prompts']} prompts (base and base + adapter), in one batch or one "
         "at a time; seconds from the probe around `generate` and `validation_loss`.",
         "",
         "| | batched | one at a time |",
@@ -157,7 +157,7 @@ def scaling_section(scaling: dict[str, Any]) -> list[str]:
         "Synthetic sources of the demo's lengths (bench/corpus.py), the demo base's tokenizer, every clean row mixed "
         "(`mix.target_max` unbounded). Each stage a process of its own; peak memory is that process's maxrss. "
         "\"in the tokenizer\": the seconds mix spends in the fast tokenizer's encoding of its batches "
-        "(`stages.tokens.encode_texts`, timed by bench/probe in the same run), and their share of mix's wall time.",
+        "(`friction.tokens.encode_texts`, timed by bench/probe in the same run), and their share of mix's wall time.",
         "",
         "| examples | real tokens | mix s | in the tokenizer s | tokenizer share | pack s | peak GiB mix / pack |",
         "|---:|---:|---:|---:|---:|---:|---:|",

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import packing, pipeline, report, scaling, training  # noqa: E402
 from bench.common import REPO, machine  # noqa: E402
-from stages.config import load_params  # noqa: E402
+from friction.config import load_params  # noqa: E402
 
 
 @click.command()

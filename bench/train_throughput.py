@@ -1,6 +1,6 @@
 """Training throughput of the train stage: attention kernels, backends and base precision side by side.
 
-Each variant runs `friction train` itself (params.yaml, TRL's SFTTrainer, evaluation, checkpoints, dvclive, adapter)
+Each variant runs `python -m stages train` itself (params.yaml, TRL's SFTTrainer, evaluation, checkpoints, dvclive, adapter)
 in a scratch workspace and a process of its own (torchrun's processes for the DDP variant), with the card recipe's
 LoRA, batch, optimizer and precision, over packed rows of 4096 random tokens, on bases built from a published
 config with random weights (the loss means nothing):
@@ -44,10 +44,10 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages import attention  # noqa: E402
-from stages.pipeline import stage_argv  # noqa: E402
-from stages.schemas import PACKED_SCHEMA  # noqa: E402
-from stages.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E402
+from friction import attention  # noqa: E402
+from friction.pipeline import stage_argv  # noqa: E402
+from friction.schemas import PACKED_SCHEMA  # noqa: E402
+from friction.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E402
 
 # Published configs; the tokenizer stays tiny, its ids all fall in the first rows of the embedding.
 QWEN2_5_0_5B = dict(
@@ -247,9 +247,9 @@ def run_variant(name: str, changes: list[dict], out: Path, base: Path, packed: P
         "UNSLOTH_DISABLE_STATISTICS": "1",  # unsloth would otherwise try to reach the Hub when imported
     }
     started = time.perf_counter()
-    # `python -m stages train` is `friction train`: with train.gpus > 1 it restarts itself as torchrun (same
+    # `python -m stages train`: with train.gpus > 1 it restarts itself as torchrun (same
     # process), which runs each worker in a session of its own and stops them all when it is sent SIGTERM.
-    command = [sys.executable, "-m", "stages", *stage_argv("train", REPO / "dvc.yaml")[1:]]
+    command = [sys.executable, *stage_argv("train", REPO / "dvc.yaml")[1:]]
     process = subprocess.Popen(command, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         log, failed = process.communicate(timeout=timeout)[0].decode(errors="replace"), process.returncode != 0

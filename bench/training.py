@@ -1,6 +1,6 @@
 """Training on a CPU, same tiny model (the demo base), same LoRA and batch, same number of optimizer steps:
 
-- ours: the train stage itself (`friction train`: evaluation, checkpoints, dvclive, adapter) on pack's bfd rows, with
+- ours: the train stage itself (`python -m stages train`: evaluation, checkpoints, dvclive, adapter) on pack's bfd rows, with
   the attention `model.attn_implementation: auto` resolves to (on a CPU, varlen: one SDPA call per document).
 - bare TRL: a plain SFTTrainer with padding-free batching on the same bfd rows and the same attention, nothing else
   (our overhead).
@@ -38,7 +38,7 @@ STEPS = {"demo": 8, "card_like": 8}  # optimizer steps per run; the first one (w
 def write_packed(examples: Any, params: Any, strategy: str, out: Path, bos: int | None) -> None:
     from bench.packing import with_strategy
     from stages.pack import pack_columns
-    from stages.schemas import write_parquet
+    from friction.schemas import write_parquet
 
     out.mkdir(parents=True, exist_ok=True)
     table, _ = pack_columns(examples, with_strategy(params, strategy, params.model.max_length), bos)
@@ -79,7 +79,7 @@ def compare(workspace: Path, bfd: Path, stacked: Path, runs: int, scratch: Path)
 def run(scratch: Path, runs: int) -> dict[str, Any]:
     """Needs bench/pipeline.py's workspace (scratch/pipeline), for its fetched base model and mixed data."""
     from bench.packing import card_scale_examples, layouts
-    from stages.config import load_params
+    from friction.config import load_params
     from stages.pack import read_split
 
     workspace = scratch / "pipeline"
@@ -116,9 +116,9 @@ def train_variant(variant: str, workspace: Path, packed: Path) -> float:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from stages.chatml import IGNORE_INDEX
-    from stages.config import load_params
-    from stages.modeling import hf_model_with_adapter
+    from friction.chatml import IGNORE_INDEX
+    from friction.config import load_params
+    from friction.modeling import hf_model_with_adapter
 
     params = load_params(workspace / "params.yaml")
     if variant == "original":  # varlen refuses padded rows; the original trained them with transformers' default

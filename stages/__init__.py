@@ -1,1 +1,1 @@
-"""Mixture-of-friction LoRA pipeline: one module per DVC stage, plus the shared pieces they use."""
+"""The pipeline's DVC stages, one module each (dvc.yaml runs `python -m stages NAME`); the library is `friction`."""

@@ -18,9 +18,10 @@ from typing import Any
 import click
 from huggingface_hub import ModelCard, ModelCardData
 
-from stages.artifacts import atomic_output, read_json
-from stages.chatml import generation_prompt
-from stages.config import Params
+from friction.artifacts import atomic_output, read_json
+from friction.chatml import generation_prompt
+from friction.config import Params, load_params
+from friction.pipeline import path_option
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
 CARD = "README.md"
@@ -152,3 +153,14 @@ def run(
         plot_losses(curves, scratch / LOSS_PLOT)
         card.save(scratch / CARD)
     click.echo(f"card: {out_dir / CARD}; the publishable model is {out_dir}/")
+
+
+@click.command()
+@path_option("--metrics-dir", "Metrics of mix, pack, train and evaluate.")
+@path_option("--manifest", "Output of fetch.")
+@path_option("--adapter", "Output of train: the adapter and its tokenizer.")
+@path_option("--live", "dvclive logs of train (loss curves).")
+@path_option("--out", "The publishable model folder: the adapter, its tokenizer, README.md (the card), the loss plot.")
+def main(metrics_dir: Path, manifest: Path, adapter: Path, live: Path, out: Path) -> None:
+    """Write the publishable model folder: the trained adapter with its model card and loss curves."""
+    run(load_params(), metrics_dir, manifest, adapter, live, out)

@@ -22,13 +22,15 @@ from tqdm import tqdm
 from safetensors import SafetensorError, safe_open
 from transformers import StoppingCriteriaList, StopStringCriteria, set_seed
 
-from stages import friction_metrics
-from stages.artifacts import write_json
-from stages.schemas import PACKED_SCHEMA, read_parquet
-from stages.chatml import IGNORE_INDEX, IM_END, generation_prompt
-from stages.config import Params
-from stages.modeling import load_base_model
-from stages.tokens import end_of_turn_id
+from friction import friction_metrics
+from friction.artifacts import write_json
+from friction.schemas import PACKED_SCHEMA, read_parquet
+from friction.chatml import IGNORE_INDEX, IM_END, generation_prompt
+from friction.config import Params, load_params
+from friction.modeling import load_base_model
+from friction.tokens import end_of_turn_id
+from friction import environment
+from friction.pipeline import path_option
 
 
 def position_ids(seq_lengths: list[int]) -> torch.Tensor:
@@ -57,7 +59,7 @@ def validation_loss(model, rows: Dataset, device: torch.device, label: str) -> t
 def stop_settings(tokenizer) -> dict:
     """generate()'s arguments that end a response at the end of its turn, <|im_end|>.
 
-    The tokenizer maps <|im_end|> to its EOS id (stages/tokens.py), which the model was trained to emit: stop on that
+    The tokenizer maps <|im_end|> to its EOS id (friction/tokens.py), which the model was trained to emit: stop on that
     id. A tokenizer with no EOS leaves <|im_end|> as plain text, split into BPE pieces: then match the text, which
     stops at its last piece.
     """
@@ -221,3 +223,17 @@ def run(
         handle.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
     write_json(metrics_path, report({"base": base_loss, "adapter": adapter_loss}, tokens, samples))
     click.echo(f"evaluate: {len(samples)} prompts answered by both models -> {samples_path}")
+
+
+@click.command()
+@path_option("--packed", "Output of pack (validation rows).")
+@path_option("--manifest", "Names the base model.")
+@path_option("--adapter", "Output of train.")
+@path_option("--prompts", "Held-out prompts, one JSON object with 'prompt' a line.")
+@path_option("--samples", "Both models' responses with their metrics.")
+@path_option("--metrics", "Validation loss and friction metrics.")
+def main(packed: Path, manifest: Path, adapter: Path, prompts: Path, samples: Path, metrics: Path) -> None:
+    """Compare the base model with base + adapter."""
+    recorded = environment.record("evaluate")  # warns before the work when the environment is not the lock's
+    run(load_params(), packed, manifest, adapter, prompts, samples, metrics)
+    environment.write_into(metrics, recorded)

@@ -6,7 +6,7 @@ sources under data/sources/ are copied byte for byte. The base model is download
 `dvc.lock` changes when a rerun of fetch finds that upstream moved.
 
 A branch or tag can move upstream: fetch warns about each revision that is not a commit, and warns loudly when one
-now resolves to another commit than in the last fetch. `friction pin` (stages/pin.py) writes the commits into
+now resolves to another commit than in the last fetch. `friction pin` (friction/commands/pin.py) writes the commits into
 params.yaml.
 """
 
@@ -20,9 +20,11 @@ import click
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from stages.artifacts import atomic_output, sha256_file, write_json
-from stages.config import LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams
-from stages.hub import HubRepo, Resolved, hub_errors_explained, is_commit, last_fetch_commits, resolved_commits
+from friction.artifacts import atomic_output, read_json, sha256_file, write_json
+from friction.config import load_params, LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams
+from friction.hub import HubRepo, Resolved, hub_errors_explained, is_commit, last_fetch_commits, resolved_commits
+from friction import environment
+from friction.pipeline import path_option
 
 # Weights, configs and tokenizer files; skips the original checkpoints and other formats some repos also carry.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -124,3 +126,14 @@ def run(params: Params, out_dir: Path) -> None:
         manifest = {"sources": sources, "base_model": fetch_base_model(params.model)}
         write_json(scratch / "manifest.json", manifest)
     warn_about_upstream_changes(before, resolved_commits(manifest))
+
+
+@click.command()
+@path_option("--out", "Fetched sources and manifest.json.")
+@path_option("--metrics", "Rows per source and the environment of the run.")
+def main(out: Path, metrics: Path) -> None:
+    """Download or copy every data source and pin the base model."""
+    recorded = environment.record("fetch")  # warns before the work when the environment is not the lock's
+    run(load_params(), out)
+    rows = {name: source["rows"] for name, source in read_json(out / "manifest.json")["sources"].items()}
+    write_json(metrics, {"rows": rows, "environment": recorded})

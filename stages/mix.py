@@ -1,12 +1,12 @@
 """mix: normalise every source row to one conversation schema, tokenize it once, sample the mixture, split it.
 
 1. Clean. Each row becomes the text the original trained on: a friction row rendered in the original's ChatML
-   template with the reasoning in a <think> block (stages/chatml.py), a reluctance row's `text` verbatim but for
+   template with the reasoning in a <think> block (friction/chatml.py), a reluctance row's `text` verbatim but for
    <judging> -> <think> and </judging> -> </think>. Rows that cannot be trained on are dropped with a reason (or stop
    the stage with `mix.on_bad_rows: fail`); a row whose text is identical to an earlier one, in any source, is a
    duplicate.
 2. Tokenize, the only tokenization pass of the pipeline, with the base model's tokenizer as fetch pinned it and as
-   the original used it (stages/tokens.py: its BOS first, every <|im_end|> its EOS id): `input_ids`, `labels` (a
+   the original used it (friction/tokens.py: its BOS first, every <|im_end|> its EOS id): `input_ids`, `labels` (a
    token's id where the token starts inside an assistant turn's content or its closing <|im_end|>, -100 elsewhere)
    and `user_starts` (the token index of every user turn's header, which pack's `stacked` masking needs). A row's
    token count is len(input_ids). A tokenizer that does not give back the text it encoded stops the stage.
@@ -52,8 +52,8 @@ from datasets import Dataset
 from tokenizers import Encoding
 from transformers import PreTrainedTokenizerBase
 
-from stages.artifacts import atomic_output, base_model_reference, read_json, write_json
-from stages.chatml import (
+from friction.artifacts import atomic_output, base_model_reference, read_json, write_json
+from friction.chatml import (
     IGNORE_INDEX,
     THINK_CLOSE,
     THINK_OPEN,
@@ -63,10 +63,12 @@ from stages.chatml import (
     turns,
     user_starts,
 )
-from stages.config import Params
-from stages.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, row_groups, write_row_groups
-from stages.token_store import Stored, TokenArrays, TokenStore
-from stages.tokens import encode_texts, load_tokenizer
+from friction.config import Params, load_params
+from friction.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, row_groups, write_row_groups
+from friction.token_store import Stored, TokenArrays, TokenStore
+from friction.tokens import encode_texts, load_tokenizer
+from friction import environment
+from friction.pipeline import path_option
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -570,3 +572,15 @@ def mix_and_write(
             handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in dropped)
         write_json(metrics_scratch, report)
     echo_report(report)
+
+
+@click.command()
+@path_option("--raw", "Output of fetch.")
+@path_option("--manifest", "Names the base model whose tokenizer is used.")
+@path_option("--out", "train.parquet, validation.parquet and dropped.jsonl.")
+@path_option("--metrics", "Per-source counts of rows and tokens.")
+def main(raw: Path, manifest: Path, out: Path, metrics: Path) -> None:
+    """Normalise, clean, tokenize, sample and split the examples."""
+    recorded = environment.record("mix")  # warns before the work when the environment is not the lock's
+    run(load_params(), raw, manifest, out, metrics)
+    environment.write_into(metrics, recorded)

@@ -48,10 +48,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.artifacts import atomic_output, write_json
-from stages.chatml import IGNORE_INDEX
-from stages.config import Params
-from stages.schemas import (
+from friction.artifacts import atomic_output, write_json
+from friction.chatml import IGNORE_INDEX
+from friction.config import Params, load_params
+from friction.schemas import (
     PACKED_SCHEMA,
     TokenizedExample,
     bos_token_id,
@@ -59,6 +59,8 @@ from stages.schemas import (
     row_groups,
     write_row_groups,
 )
+from friction import environment
+from friction.pipeline import path_option
 
 MIXED_COLUMNS = ["id", "input_ids", "labels", "user_starts"]
 # An example, or the part of one that fits a row (the tests' and small callers' form; pack itself keeps columns).
@@ -473,3 +475,14 @@ def run(params: Params, mixed_dir: Path, out_dir: Path, metrics_path: Path) -> N
                 f"{counts['split_pieces']} pieces, {counts['dropped_without_labels']} dropped without labels"
             )
         write_json(metrics_scratch, report)
+
+
+@click.command()
+@path_option("--mixed", "Output of mix (token ids and labels).")
+@path_option("--out", "train.parquet and validation.parquet.")
+@path_option("--metrics", "Rows, tokens and fill ratio.")
+def main(mixed: Path, out: Path, metrics: Path) -> None:
+    """Cut over-length examples and pack the token ids into rows."""
+    recorded = environment.record("pack")  # warns before the work when the environment is not the lock's
+    run(load_params(), mixed, out, metrics)
+    environment.write_into(metrics, recorded)

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START
-from stages.config import Params, load_params
-from stages.pipeline import stage_argv
+from friction.chatml import IGNORE_INDEX, IM_END, IM_START
+from friction.config import Params, load_params
+from friction.pipeline import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PROMPT = "You are a human-like AI assistant."
@@ -103,7 +103,7 @@ TINY_CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2 model whose BPE (~500 tokens) is trained on the sentences above."""
-    from stages.tiny_model import build_tiny_model
+    from friction.tiny_model import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny-model") / "base"
     build_tiny_model(TINY_CORPUS * 4, out, tokenizer_vocab_size=500)
@@ -142,7 +142,7 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
 
 @pytest.fixture(scope="session")
 def demo_pipeline(demo_workspace: Callable[..., Path]) -> Path:
-    """A demo workspace after `friction fetch`, `friction mix` and `friction pack`; tests read it, never write it."""
+    """A demo workspace after `python -m stages fetch`, `python -m stages mix` and `python -m stages pack`; tests read it, never write it."""
     return demo_workspace("demo-pipeline", hash_seed="1")
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from stages import train
-from stages.cli import main
-from stages.pipeline import stage_argv
+from friction import training
+from friction.pipeline import stage_argv
+from stages.train import main
 
 
-class TrainerThatShowsItsWeights(train.SFTTrainer):
+class TrainerThatShowsItsWeights(training.SFTTrainer):
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         weights = {name: p.detach().cpu().contiguous() for name, p in self.model.named_parameters() if p.requires_grad}
@@ -20,5 +20,5 @@ class TrainerThatShowsItsWeights(train.SFTTrainer):
         return result
 
 
-train.SFTTrainer = TrainerThatShowsItsWeights
-main(stage_argv("train", Path(__file__).resolve().parents[1] / "dvc.yaml")[1:])
+training.SFTTrainer = TrainerThatShowsItsWeights
+main(stage_argv("train", Path(__file__).resolve().parents[1] / "dvc.yaml")[4:])  # after `python -m stages train`

@@ -1,4 +1,4 @@
-"""Attention for packed rows (stages/attention.py) on CPU.
+"""Attention for packed rows (friction/attention.py) on CPU.
 
 On a CPU, `varlen` runs `per_document_attention`, one SDPA call per document. It is checked against what does not
 share its code: each document trained alone, and sdpa's dense block-diagonal mask over the same packed batch. torch's
@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from stages import attention
+from friction import attention
 
 DOCUMENT_LENGTHS = [[5, 9, 1, 3], [7, 2, 6, 4, 1]]  # two packed rows, as pack writes seq_lengths; 1: a lone token
 
@@ -259,7 +259,7 @@ def test_flash_attention_4_asked_for_but_missing_says_how_to_install(gpu):
 
 
 def test_the_training_model_loads_with_the_resolved_implementation(demo_params, tiny_manifest_for_attention):
-    from stages import modeling
+    from friction import modeling
 
     model, _ = modeling.hf_model_with_adapter(demo_params, tiny_manifest_for_attention)
     assert model.get_base_model().config._attn_implementation == attention.VARLEN  # auto, on this CPU

@@ -18,9 +18,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO
-from stages import modeling
-from stages.config import Params
-from stages.train import checkpointing_argument, sft_config
+from friction import modeling
+from friction.config import Params
+from friction.training import checkpointing_argument, sft_config
 
 
 @pytest.fixture
@@ -184,8 +184,8 @@ def test_library_versions_name_unsloth_only_when_it_trains(monkeypatch):
 
 
 def test_the_backend_is_chosen_before_anything_imports_transformers():
-    """unsloth patches transformers, trl and peft as it is imported: `friction train` must import it before them."""
+    """unsloth patches transformers, trl and peft as it is imported: `python -m stages train` must import it before them."""
     libraries = ("transformers", "trl", "peft")
-    code = f"import sys, stages.cli, stages.modeling; print([m for m in {libraries} if m in sys.modules])"
+    code = f"import sys, friction.cli, friction.modeling; print([m for m in {libraries} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

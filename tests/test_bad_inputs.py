@@ -5,6 +5,7 @@ dropped and counted instead."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import shutil
 from collections.abc import Callable
@@ -12,22 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from conftest import REPO
 from peft import LoraConfig, get_peft_model
 from ruamel.yaml import YAML
 from transformers import AutoModelForCausalLM
 
-from stages.cli import main
-from stages.pipeline import stage_argv
+from friction.pipeline import stage_argv
 
 CORPUS = REPO / "tests/fixtures/bad_inputs"
 PARAMS_CASES = YAML(typ="safe").load(CORPUS / "params.yaml")
 
 
-def stage_args(stage: str) -> list[str]:
-    """`friction <stage>`'s arguments as dvc.yaml's cmd line gives them."""
-    return stage_argv(stage, REPO / "dvc.yaml")[1:]
+def invoke_stage(stage: str) -> Result:
+    """`python -m stages <stage>` with dvc.yaml's arguments, in this process (click's runner)."""
+    arguments = stage_argv(stage, REPO / "dvc.yaml")[4:]
+    return CliRunner().invoke(importlib.import_module(f"stages.{stage}").main, arguments)
 
 
 KEPT = ("data", "models", "metrics")  # what earlier runs left, which no failed stage may lose
@@ -71,7 +72,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def fails_cleanly(root: Path, stage: str, message: str) -> None:
     """Run `friction <stage>`: exit 1, `message` in its error, and every earlier output as it was."""
     before = snapshot(root)
-    result = CliRunner().invoke(main, stage_args(stage))
+    result = invoke_stage(stage)
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), f"a traceback, not a message: {result.exception!r}"
     assert message in result.output, result.output
@@ -152,7 +153,7 @@ def test_damaged_files(workspace: Path, case: str) -> None:
 def test_dirty_rows_are_dropped_and_counted_with_their_lines(workspace: Path) -> None:
     shutil.copyfile(CORPUS / "dirty_rows.jsonl", workspace / "data/sources/demo/disagreement.jsonl")
     for stage in ("fetch", "mix"):
-        result = CliRunner().invoke(main, stage_args(stage))
+        result = invoke_stage(stage)
         assert result.exit_code == 0, result.output
     dropped = [json.loads(line) for line in (workspace / "data/mixed/dropped.jsonl").read_text().splitlines()]
     from_file = sorted((d["line"], d["reason"], d["detail"]) for d in dropped if d["source"] == "disagreement")
@@ -168,7 +169,7 @@ def test_dirty_rows_are_dropped_and_counted_with_their_lines(workspace: Path) ->
 def test_a_nan_loss_stops_training_and_keeps_no_adapter(workspace: Path) -> None:
     change_params(workspace, {"train.learning_rate": 1.0e30, "train.max_steps": 4, "train.logging_steps": 1})
     adapter = snapshot(workspace)
-    result = CliRunner().invoke(main, stage_args("train"))
+    result = invoke_stage("train")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "no adapter is saved" in result.output, result.output
     assert any(f"is {value}" in result.output for value in ("nan", "inf", "-inf")), result.output

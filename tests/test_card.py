@@ -18,8 +18,8 @@ from ruamel.yaml import YAML
 
 from conftest import REPO
 from stages import card
-from stages.config import Params, load_params
-from stages.friction_metrics import score, summarize
+from friction.config import Params, load_params
+from friction.friction_metrics import score, summarize
 
 # Numbers the template writes itself: the original card's citation year.
 TEMPLATE_NUMBERS = {"2025"}
@@ -213,7 +213,7 @@ def test_the_card_shows_the_run(model_card: ModelCard, run_files):
 
 
 def test_the_usage_prompt_is_the_training_format(model_card: ModelCard):
-    from stages.chatml import generation_prompt
+    from friction.chatml import generation_prompt
 
     snippet = model_card.text.split("```python\n")[1].split("```")[0]
     literal = snippet.split("prompt = (\n")[1].split("\n)\n")[0]

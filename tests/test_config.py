@@ -1,4 +1,4 @@
-"""Tests of stages.config: the shipped recipes validate, and every kind of mistake names the file and the key."""
+"""Tests of friction.config: the shipped recipes validate, and every kind of mistake names the file and the key."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 import pytest
 from conftest import REPO
 
-from stages.config import Params, load_params
+from friction.config import Params, load_params
 
 RECIPES = [REPO / "params.yaml", *sorted((REPO / "recipes").glob("*.yaml"))]
 DEMO = (REPO / "recipes/demo.yaml").read_text(encoding="utf-8")

@@ -13,7 +13,7 @@ from conftest import REPO
 
 from bench import packing, pipeline, report
 from bench.common import interleaved, ratio, stage_command
-from stages.config import Params
+from friction.config import Params
 
 
 def test_interleaved_runs_alternate_which_side_goes_first() -> None:
@@ -25,7 +25,7 @@ def test_interleaved_runs_alternate_which_side_goes_first() -> None:
 
 
 def test_the_probe_counts_each_mixed_example_tokenized_once(demo_workspace: Callable[..., Path], tmp_path: Path) -> None:
-    """What make bench reports as tokenization passes, on a real `friction mix` and `friction pack`."""
+    """What make bench reports as tokenization passes, on a real `python -m stages mix` and `python -m stages pack`."""
     workspace = demo_workspace("probe", stages=("fetch",))
     log = tmp_path / "probe.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **pipeline.probe_env(log),

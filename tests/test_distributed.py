@@ -1,4 +1,4 @@
-"""Data-parallel training (stages/distributed.py): the step's rows split over processes, and the demo's train stage in
+"""Data-parallel training (friction/distributed.py): the step's rows split over processes, and the demo's train stage in
 two CPU processes (torchrun, gloo) as it would run on two GPUs."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
 from conftest import REPO
-from stages import distributed, modeling
-from stages.pipeline import stage_argv
+from friction import distributed, modeling
+from friction.pipeline import stage_argv
 
-TRAIN = stage_argv("train", REPO / "dvc.yaml")  # `friction train` with its paths, as DVC runs it
+TRAIN = stage_argv("train", REPO / "dvc.yaml")  # `python -m stages train` with its paths, as DVC runs it
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,9 @@ def test_torchrun_restarts_the_same_program(tmp_path: Path):
     command = distributed.torchrun_command(2, [str(program), "train", "--live", "dvclive"])
     assert command == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                        str(program), "train", "--live", "dvclive"]  # fmt: skip
-    with pytest.raises(click.ClickException, match="start the stage as `friction train` or `python -m stages train`"):
+    as_module = distributed.torchrun_command(2, ["/repo/stages/__main__.py", "train", "--live", "dvclive"], "stages")
+    assert as_module[-5:] == ["-m", "stages", "train", "--live", "dvclive"]  # dvc.yaml's `python -m stages train`
+    with pytest.raises(click.ClickException, match="start the stage as `python -m stages train`"):
         distributed.torchrun_command(2, ["-c", "train"])  # python -c: nothing to restart
 
 

@@ -20,12 +20,13 @@ from transformers import (
 )
 
 from conftest import SYSTEM_PROMPT, TINY_CORPUS
-from stages import evaluate, friction_metrics
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, generation_prompt, render
-from stages.cli import main
-from stages.config import Params
-from stages.tiny_model import PAD, train_bpe
-from stages.tokens import load_tokenizer, map_end_of_turn
+from friction import friction_metrics
+from stages import evaluate
+from friction.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, generation_prompt, render
+from friction.cli import main
+from friction.config import Params
+from friction.tiny_model import PAD, train_bpe
+from friction.tokens import load_tokenizer, map_end_of_turn
 
 IM_START_USER = f"{IM_START}user"
 

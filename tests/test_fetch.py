@@ -1,6 +1,6 @@
 """Tests of stages.fetch: local copies, the manifest, atomic output, and Hub datasets through the real HF cache.
 
-The Hub tests run `friction fetch` (or `dvc repro`) in a subprocess whose HF_HOME is a temporary folder and
+The Hub tests run `python -m stages fetch` (or `dvc repro`) in a subprocess whose HF_HOME is a temporary folder and
 HF_HUB_OFFLINE=1, so huggingface_hub and datasets read their settings from a clean environment; nothing is mocked.
 The tests of repos the Hub refuses go online to a local HTTP server that answers as the Hub does.
 """
@@ -23,8 +23,8 @@ import pytest
 from conftest import REPO, friction_row, jsonl_bytes, reluctance_text
 
 from stages import fetch
-from stages.config import Params, load_params
-from stages.pipeline import stage_argv
+from friction.config import Params, load_params
+from friction.pipeline import stage_argv
 
 COMMIT = "3f2c1b0a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
 LATER_COMMIT = "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b"
@@ -136,7 +136,6 @@ def test_missing_local_base_model_is_a_clear_error(workspace: Path, make_params:
 # --- Hub datasets through the real huggingface_hub / datasets code, offline, in a subprocess ---------------------
 
 
-FRICTION = [sys.executable, "-c", "from stages.cli import main; main()"]
 
 
 def run_in(workspace: Path, hf_home: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -158,7 +157,7 @@ def write_params(workspace: Path, sources: dict) -> None:
 
 def run_fetch_cli(workspace: Path, sources: dict, hf_home: Path, **env: str) -> subprocess.CompletedProcess:
     write_params(workspace, sources)
-    return run_in(workspace, hf_home, [*FRICTION, *stage_argv("fetch", REPO / "dvc.yaml")[1:]], **env)
+    return run_in(workspace, hf_home, [sys.executable, *stage_argv("fetch", REPO / "dvc.yaml")[1:]], **env)
 
 
 def put_in_hf_cache(
@@ -319,7 +318,7 @@ def test_upstream_change_is_warned_about_under_dvc_repro(workspace: Path, tmp_pa
     hf_home = tmp_path_factory.mktemp("hf-dvc")
     put_in_hf_cache(hf_home, "acme/friction-tiny", {"data/train.jsonl": jsonl_bytes([friction_row("1")])})
     write_params(workspace, {"tiny": {"hub": "acme/friction-tiny", "revision": "main", "format": "friction"}})
-    fetch_cmd = shlex.join([*FRICTION, *stage_argv("fetch", REPO / "dvc.yaml")[1:]])
+    fetch_cmd = shlex.join([sys.executable, *stage_argv("fetch", REPO / "dvc.yaml")[1:]])
     stage = {"cmd": fetch_cmd, "params": ["data.sources", "model.base", "model.revision"], "outs": ["data/raw"]}
     (workspace / "dvc.yaml").write_text(json.dumps({"stages": {"fetch": stage}}))
     dvc = [sys.executable, "-m", "dvc"]

@@ -1,4 +1,4 @@
-"""Tests of stages.friction_metrics: small hand-written strings, then the author's 20 stored benchmark pairs."""
+"""Tests of friction.friction_metrics: small hand-written strings, then the author's 20 stored benchmark pairs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.friction_metrics import (
+from friction.friction_metrics import (
     load_records,
     phrase_regex,
     score,

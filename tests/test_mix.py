@@ -16,11 +16,11 @@ from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, re
 from datasets import Dataset, concatenate_datasets
 
 from stages import mix
-from stages.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
-from stages.config import PackParams, Params
+from friction.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
+from friction.config import PackParams, Params
 from stages.mix import BadRow, Encoded, friction_messages, friction_text, tokenize
-from stages.token_store import Stored
-from stages.tokens import load_tokenizer
+from friction.token_store import Stored
+from friction.tokens import load_tokenizer
 
 # original-recipe.md section 3, verbatim.
 ORIGINAL_FRICTION_TEMPLATE = (

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.chat import TurnStreamer, end_of_turn
-from stages.chatml import IM_END
-from stages.publish import card_for_hub
+from friction.commands.chat import TurnStreamer, end_of_turn
+from friction.chatml import IM_END
+from friction.commands.push import card_for_hub
 
 ARTIFACT = "models/friction-adapter"
 PROMPT = "I think I should repaint the whole house this weekend."

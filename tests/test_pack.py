@@ -18,12 +18,12 @@ from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM
 
 from stages import mix, pack
-from stages.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
-from stages.config import PackParams, Params
+from friction.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
+from friction.config import PackParams, Params
 from stages.mix import Encoded, friction_text, tokenize, write_parquet
 from stages.pack import Piece, best_fit_decreasing, next_fit, pack_split
-from stages.token_store import TokenStore
-from stages.tokens import load_tokenizer
+from friction.token_store import TokenStore
+from friction.tokens import load_tokenizer
 
 SHORT = render([
     {"role": "user", "content": "Hi"},
@@ -444,7 +444,7 @@ def test_bad_mixed_files_name_the_file_and_row(
         run_pack(demo_params)
 
 
-# --- on the real pipeline's output: `friction fetch`, `friction mix`, `friction pack` on the demo recipe ---------
+# --- on the real pipeline's output: `python -m stages fetch`, `python -m stages mix`, `python -m stages pack` on the demo recipe ---------
 
 
 def test_packed_bfd_rows_train_exactly_the_assistant_turns(demo_pipeline: Path, tokenizer, demo_params) -> None:

@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.corpus import SOURCES, write_sources
-from stages import fetch, mix, pack, schemas
-from stages.config import Params
+from friction import schemas
+from stages import fetch, mix, pack
+from friction.config import Params
 
 RECORDED_WITH_PYARROW = "26.0.1"
 ROW_GROUP_TOKENS = schemas.ROW_GROUP_TOKENS  # the stages' own, more than any of these corpora

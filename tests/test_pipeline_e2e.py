@@ -116,3 +116,21 @@ def test_param_changes_rerun_only_downstream_stages(demo_copy):
     set_param(workspace, "lora.rank", 4)
     assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["train", "evaluate", "card"]
     assert json.loads(sh("dvc", "status", "--json", cwd=workspace)) == {}
+
+
+def test_a_code_change_shows_in_dvc_status_for_the_stages_that_import_it_and_only_those(demo_copy):
+    """A changed default in the config module (imported by every stage), or a change in the token module (imported
+    by mix, and by train and evaluate through the model loader), shows in `dvc status` for exactly those stages."""
+    workspace = demo_copy
+    edits = {
+        "friction/config.py": ('Literal["examples", "tokens"] = "examples"', 'Literal["examples", "tokens"] = "tokens"', set(STAGES)),
+        "friction/tokens.py": ("def encode_texts(", "def encode_texts(  ", {"mix", "train", "evaluate"}),
+    }
+    for module, (old, new, importers) in edits.items():
+        path = workspace / module
+        original = path.read_text()
+        assert old in original, f"{module} no longer has {old!r}: update this test"
+        path.write_text(original.replace(old, new))
+        assert set(json.loads(sh("dvc", "status", "--json", cwd=workspace))) == importers, module
+        path.write_text(original)
+    assert json.loads(sh("dvc", "status", "--json", cwd=workspace)) == {}

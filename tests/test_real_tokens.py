@@ -15,9 +15,9 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from stages import mix, pack
-from stages.chatml import IGNORE_INDEX, IM_END, assistant_spans, user_starts
-from stages.config import PackParams, Params
-from stages.tokens import end_of_turn_id, load_tokenizer
+from friction.chatml import IGNORE_INDEX, IM_END, assistant_spans, user_starts
+from friction.config import PackParams, Params
+from friction.tokens import end_of_turn_id, load_tokenizer
 
 # Standard ChatML (no newline before <|im_end|>), text outside the turns, two assistant turns, non-ASCII.
 STANDARD_CHATML = (

@@ -10,17 +10,17 @@ import click
 import pytest
 
 from conftest import REPO
-from stages import remote
-from stages.pipeline import artifact_path, stage_argv
+from friction.commands import remote
+from friction.pipeline import artifact_path, stage_argv
 
 
 def test_stages_take_their_paths_from_dvc_yaml_only():
     dvc_yaml = REPO / "dvc.yaml"
     assert artifact_path(path=dvc_yaml) == Path("models/friction-adapter")
     assert stage_argv("card", dvc_yaml)[-2:] == ["--out", "models/friction-adapter"]
-    assert stage_argv("mix", dvc_yaml)[:4] == ["friction", "mix", "--raw", "data/raw"]
+    assert stage_argv("mix", dvc_yaml)[:6] == ["python", "-m", "stages", "mix", "--raw", "data/raw"]
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
-    missing = subprocess.run(["friction", "mix"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    missing = subprocess.run(["python", "-m", "stages", "mix"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
     assert missing.returncode == 2 and "Missing option '--raw'" in missing.stderr
     with pytest.raises(click.ClickException, match="no stage 'mixx'"):
         stage_argv("mixx", dvc_yaml)

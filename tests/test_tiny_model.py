@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from stages.chatml import IM_END, IM_START, render
-from stages.tiny_model import BOS, EOS, PAD, build_tiny_model, corpus_from_jsonl
-from stages.tokens import load_tokenizer
+from friction.chatml import IM_END, IM_START, render
+from friction.tiny_model import BOS, EOS, PAD, build_tiny_model, corpus_from_jsonl
+from friction.tokens import load_tokenizer
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

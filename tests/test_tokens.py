@@ -1,4 +1,4 @@
-"""stages.tokens: <|im_end|> becomes the EOS token as the original's chat-template helper made it, for each kind of
+"""friction.tokens: <|im_end|> becomes the EOS token as the original's chat-template helper made it, for each kind of
 tokenizer: an EOS to rename, <|im_end|> already a token, no EOS at all."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 from conftest import TINY_CORPUS
 from transformers import PreTrainedTokenizerFast
 
-from stages.chatml import IM_END
-from stages.tiny_model import EOS, PAD, train_bpe
-from stages.tokens import end_of_turn_id, map_end_of_turn
+from friction.chatml import IM_END
+from friction.tiny_model import EOS, PAD, train_bpe
+from friction.tokens import end_of_turn_id, map_end_of_turn
 
 
 def tokenizer_with(special_tokens: list[str], **roles: str) -> PreTrainedTokenizerFast:

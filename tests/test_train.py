@@ -17,12 +17,12 @@ from ruamel.yaml import YAML
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
-from stages.chatml import IM_END
+from friction.chatml import IM_END
 
-from stages.modeling import device_name
-from stages import train
-from stages.pipeline import stage_argv
-from stages.train import LiveLog, StepTimer, packed_datasets, resumable_checkpoint
+from friction.modeling import device_name
+from friction import training
+from friction.pipeline import stage_argv
+from friction.training import LiveLog, StepTimer, packed_datasets, resumable_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS, EVAL_STEPS = 24, 4
@@ -116,7 +116,7 @@ def check_saved_adapter(adapter: Path) -> None:
 def test_checkpoints_of_other_inputs_or_half_written_are_not_resumed(tmp_path: Path):
     checkpoints = tmp_path / "checkpoints"
     assert resumable_checkpoint(checkpoints, "run-a") is None
-    train.start_afresh(checkpoints, "run-a")
+    training.start_afresh(checkpoints, "run-a")
     for step, state in ((4, "{}"), (8, '{"global_step": 8}'), (12, None), (16, '{"global_step": 16, "log_hi')):
         (checkpoints / f"checkpoint-{step}").mkdir()
         if state is not None:
@@ -125,7 +125,7 @@ def test_checkpoints_of_other_inputs_or_half_written_are_not_resumed(tmp_path: P
     assert resumable_checkpoint(checkpoints, "run-a") == checkpoints / "checkpoint-8"
     assert resumable_checkpoint(checkpoints, "run-b") is None  # other params or data: not resumed...
     assert (checkpoints / "checkpoint-8").is_dir()  # ...and not deleted until a run of them starts training
-    train.start_afresh(checkpoints, "run-b")
+    training.start_afresh(checkpoints, "run-b")
     assert list(checkpoints.iterdir()) == [checkpoints / "fingerprint.txt"]
 
 
@@ -150,7 +150,7 @@ def test_step_timer_times_optimizer_steps_and_leaves_out_the_first(monkeypatch):
         num_input_tokens_seen = 0
 
     clock = iter([0.0, 5.0, 10.0, 12.0, 20.0, 21.0, 30.0, 34.0])  # begin/end of four steps: 5, 2, 1 and 4 s
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
     timer, state = StepTimer(), State()
     assert timer.steady_rate() == (None, None)
     for tokens in (100, 400, 300, 800):
@@ -172,8 +172,8 @@ def test_unsloth_alone_is_told_that_packed_rows_fit_max_length(packed_workspace:
 
 
 def test_training_stops_if_the_trainer_turned_padding_free_batching_off(demo_params, tmp_path: Path):
-    args = train.sft_config(demo_params, "unsloth", tmp_path)
-    train.require_padding_free(args, "unsloth")  # as the stage configures it
+    args = training.sft_config(demo_params, "unsloth", tmp_path)
+    training.require_padding_free(args, "unsloth")  # as the stage configures it
     args.padding_free = False  # what unsloth does to pre-tokenized rows it is not told fit max_length
     with pytest.raises(click.ClickException, match="padding-free batching off.*train.backend: hf"):
-        train.require_padding_free(args, "unsloth")
+        training.require_padding_free(args, "unsloth")

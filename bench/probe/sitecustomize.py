@@ -1,7 +1,7 @@
-"""A probe the benchmarks put on PYTHONPATH: in a `friction` process with FRICTION_BENCH_PROBE set to a file, it logs
+"""A probe the benchmarks put on PYTHONPATH: in a stage's process (`python -m stages NAME`) with FRICTION_BENCH_PROBE set to a file, it logs
 - every text the fast tokenizer encodes, by sha256: every `tokenizer(...)`, `encode` and
   `apply_chat_template(tokenize=True)` goes through transformers' `TokenizersBackend._encode_plus`, and mix's
-  batches through `stages.tokens.encode_texts` (FRICTION_BENCH_PROBE_HASHES=0 leaves the digests out);
+  batches through `friction.tokens.encode_texts` (FRICTION_BENCH_PROBE_HASHES=0 leaves the digests out);
 - the seconds spent in `encode_texts` (the Rust tokenizer's encoding of mix's batches), and those evaluate spends in
   validation loss and in generation.
 Anything else runs untouched; modules are patched only once they are imported.
@@ -20,7 +20,8 @@ from typing import Any
 
 LOG = os.environ.get("FRICTION_BENCH_PROBE")
 HASHES = os.environ.get("FRICTION_BENCH_PROBE_HASHES", "1") == "1"
-STAGE = sys.argv[1] if len(sys.argv) > 1 else ""
+STAGE_COMMAND = sys.orig_argv[1:3] == ["-m", "stages"]  # `python -m stages NAME ...`, as dvc.yaml runs a stage
+STAGE = sys.orig_argv[3] if STAGE_COMMAND and len(sys.orig_argv) > 3 else ""
 
 
 def log(record: dict[str, Any]) -> None:
@@ -77,7 +78,7 @@ def patch_evaluate(module: Any) -> None:
 
 PATCHES = {
     "transformers.tokenization_utils_tokenizers": patch_tokenizer,
-    "stages.tokens": patch_encode_texts,
+    "friction.tokens": patch_encode_texts,
     "stages.evaluate": patch_evaluate,
 }
 
@@ -99,5 +100,5 @@ class PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-if LOG and os.path.basename(sys.argv[0]) == "friction":
+if LOG and STAGE_COMMAND:
     sys.meta_path.insert(0, PatchOnImport())

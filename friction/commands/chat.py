@@ -13,7 +13,7 @@ import click
 import torch
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria, TextStreamer
 
-from stages.chatml import IM_END
+from friction.chatml import IM_END
 
 
 class TurnStreamer(TextStreamer):

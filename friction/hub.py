@@ -16,8 +16,8 @@ from typing import Literal, NamedTuple
 import click
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-from stages.artifacts import RAW_MANIFEST
-from stages.config import ModelParams, Params, SourceParams
+from friction.artifacts import RAW_MANIFEST
+from friction.config import ModelParams, Params, SourceParams
 
 TOKEN_REMEDY = (
     "give a token that can read it: the HF_TOKEN environment variable, or `hf auth login` "

@@ -13,8 +13,8 @@ import subprocess
 
 import click
 
-from stages import remote
-from stages.pipeline import ARTIFACT, artifact_path
+from friction.commands import remote
+from friction.pipeline import ARTIFACT, artifact_path
 
 SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")
 

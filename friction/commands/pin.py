@@ -17,8 +17,8 @@ from huggingface_hub.constants import HF_HUB_CACHE
 from huggingface_hub.errors import CacheNotFound
 from ruamel.yaml import YAML
 
-from stages.config import PARAMS_FILE, Params
-from stages.hub import HubRepo, Resolved, hub_errors_explained, hub_repos, is_commit, last_fetch_commits
+from friction.config import PARAMS_FILE, Params
+from friction.hub import HubRepo, Resolved, hub_errors_explained, hub_repos, is_commit, last_fetch_commits
 
 try:  # the HTTP client huggingface_hub is built on: httpx2 from 2.0, httpx in 1.x (the unsloth pin set)
     from httpx2 import TransportError

@@ -4,7 +4,7 @@ The base model's own chat template (DeepSeek's) is not what the recipe used: the
 ChatML markers. friction rows are rendered by `render` (a newline before every ``<|im_end|>``, as the original's
 formatting function wrote them); reluctance rows are trained verbatim. Either way the trained spans are found on the
 text itself (`assistant_spans`), so masking does not depend on any tokenizer knowing ChatML. The tokenizer makes
-``<|im_end|>`` one token, its end-of-sequence id (stages/tokens.py), as the original's did.
+``<|im_end|>`` one token, its end-of-sequence id (friction/tokens.py), as the original's did.
 """
 
 from __future__ import annotations

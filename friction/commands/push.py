@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from stages.adapter import base_reference
+from friction.adapter import base_reference
 from stages.card import CARD
 
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -18,7 +18,7 @@ import click
 from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from stages.chatml import IM_END
+from friction.chatml import IM_END
 
 
 def load_tokenizer(location: str | Path, revision: str | None) -> PreTrainedTokenizerBase:

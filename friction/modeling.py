@@ -18,9 +18,9 @@ from typing import Any
 import click
 import torch
 
-from stages import attention, distributed
-from stages.artifacts import base_model_reference
-from stages.config import Params
+from friction import attention, distributed
+from friction.artifacts import base_model_reference
+from friction.config import Params
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 UNSLOTH_LIBRARIES = ("unsloth", "unsloth_zoo")
@@ -113,7 +113,7 @@ def load_base_model(params: Params, manifest_path: Path, attn_implementation: st
     """
     from transformers import AutoModelForCausalLM
 
-    from stages.tokens import load_tokenizer
+    from friction.tokens import load_tokenizer
 
     location, revision = base_model_reference(manifest_path)
     if params.model.load_in_4bit and not torch.cuda.is_available():
@@ -146,7 +146,7 @@ def quantized_placement() -> dict[str, Any]:
 
 
 def attention_for(params: Params, backend: str) -> str | None:
-    """The attn_implementation the training model loads with (stages/attention.py); None leaves it to unsloth."""
+    """The attn_implementation the training model loads with (friction/attention.py); None leaves it to unsloth."""
     if backend == "unsloth":
         if params.model.attn_implementation != "auto":
             raise click.ClickException(
@@ -170,7 +170,7 @@ def hf_model_with_adapter(params: Params, manifest_path: Path):
 def unsloth_model_with_adapter(params: Params, manifest_path: Path):
     from unsloth import FastLanguageModel
 
-    from stages.tokens import map_end_of_turn
+    from friction.tokens import map_end_of_turn
 
     attention_for(params, "unsloth")
     if distributed.world_size() > 1:

@@ -14,9 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
-from stages.artifacts import base_model_reference
-from stages.config import Params
-from stages.schemas import PACKED_SCHEMA, read_parquet
+from friction.artifacts import base_model_reference
+from friction.config import Params
+from friction.schemas import PACKED_SCHEMA, read_parquet
 
 PEFT_ALL_LINEAR = "all-linear"  # peft's own keyword for every linear layer but the output head
 

@@ -47,3 +47,8 @@ def artifact_path(name: str = ARTIFACT, path: Path = DVC_YAML) -> Path:
     if name not in artifacts:
         raise click.ClickException(f"{path}: no artifact {name!r} under artifacts:")
     return Path(artifacts[name]["path"])
+
+
+def path_option(name: str, help_text: str):
+    """A required path option: a stage's paths are named once, in dvc.yaml's `cmd:` line."""
+    return click.option(name, type=click.Path(path_type=Path), required=True, help=help_text)

@@ -1,8 +1,5 @@
-"""`friction`: one subcommand per DVC stage (what dvc.yaml runs), plus the demo's base model, the scorer, `pin`,
-the DVC remote and releases (`remote`, `pull`, `release`) and the published adapter in hand (`chat`, `merge`, `push`).
-
-Each stage validates params.yaml before any heavy import or work. Stages take every path as a required option:
-dvc.yaml's `cmd:` lines are the one place that names them (`stages.pipeline.stage_argv` reads them for tests).
+"""`friction`: the user's commands: the demo's base model, the scorer, `pin`, the DVC remote and releases (`remote`,
+`pull`, `release`) and the published adapter in hand (`chat`, `merge`, `push`). The DVC stages are `python -m stages`.
 """
 
 from __future__ import annotations
@@ -12,11 +9,8 @@ from pathlib import Path
 
 import click
 
-from stages.config import load_params
-
-
-def path_option(name: str, help_text: str):
-    return click.option(name, type=click.Path(path_type=Path), required=True, help=help_text)
+from friction.config import load_params
+from friction.pipeline import path_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,98 +18,13 @@ def main() -> None:
     """Reproduce and iterate on the mixture-of-friction LoRA fine-tune."""
 
 
-@main.command()
-@path_option("--out", "Fetched sources and manifest.json.")
-def fetch(out: Path) -> None:
-    """Download or copy every data source and pin the base model."""
-    params = load_params()
-    from stages import fetch as stage
-
-    stage.run(params, out)
-
-
-@main.command()
-@path_option("--raw", "Output of fetch.")
-@path_option("--manifest", "Names the base model whose tokenizer is used.")
-@path_option("--out", "train.parquet, validation.parquet and dropped.jsonl.")
-@path_option("--metrics", "Per-source counts of rows and tokens.")
-def mix(raw: Path, manifest: Path, out: Path, metrics: Path) -> None:
-    """Normalise, clean, tokenize, sample and split the examples."""
-    params = load_params()
-    from stages import mix as stage
-
-    stage.run(params, raw, manifest, out, metrics)
-
-
-@main.command()
-@path_option("--mixed", "Output of mix (token ids and labels).")
-@path_option("--out", "train.parquet and validation.parquet.")
-@path_option("--metrics", "Rows, tokens and fill ratio.")
-def pack(mixed: Path, out: Path, metrics: Path) -> None:
-    """Cut over-length examples and pack the token ids into rows."""
-    params = load_params()
-    from stages import pack as stage
-
-    stage.run(params, mixed, out, metrics)
-
-
-@main.command()
-@path_option("--packed", "Output of pack.")
-@path_option("--manifest", "Names the base model.")
-@path_option("--adapter", "Where the PEFT adapter and tokenizer go.")
-@path_option("--checkpoints", "Resumable checkpoints (persisted across runs).")
-@path_option("--live", "dvclive logs and plots.")
-@path_option("--metrics", "Training summary.")
-def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: Path, metrics: Path) -> None:
-    """Train the LoRA adapter with the backend train.backend names (auto: unsloth on a CUDA GPU if installed)."""
-    params = load_params()
-    from stages import distributed
-
-    distributed.launch(params.train.gpus)  # train.gpus > 1: restarts this command under torchrun
-    from stages.modeling import resolve_backend
-
-    backend = resolve_backend(params.train.backend)  # first: it imports unsloth, which must precede transformers
-    from stages import train as stage
-
-    stage.run(params, backend, packed, manifest, adapter, checkpoints, live, metrics)
-
-
-@main.command()
-@path_option("--packed", "Output of pack (validation rows).")
-@path_option("--manifest", "Names the base model.")
-@path_option("--adapter", "Output of train.")
-@path_option("--prompts", "Held-out prompts, one JSON object with 'prompt' a line.")
-@path_option("--samples", "Both models' responses with their metrics.")
-@path_option("--metrics", "Validation loss and friction metrics.")
-def evaluate(packed: Path, manifest: Path, adapter: Path, prompts: Path, samples: Path, metrics: Path) -> None:
-    """Compare the base model with base + adapter."""
-    params = load_params()
-    from stages import evaluate as stage
-
-    stage.run(params, packed, manifest, adapter, prompts, samples, metrics)
-
-
-@main.command()
-@path_option("--metrics-dir", "Metrics of mix, pack, train and evaluate.")
-@path_option("--manifest", "Output of fetch.")
-@path_option("--adapter", "Output of train: the adapter and its tokenizer.")
-@path_option("--live", "dvclive logs of train (loss curves).")
-@path_option("--out", "The publishable model folder: the adapter, its tokenizer, README.md (the card), the loss plot.")
-def card(metrics_dir: Path, manifest: Path, adapter: Path, live: Path, out: Path) -> None:
-    """Write the publishable model folder: the trained adapter with its model card and loss curves."""
-    params = load_params()
-    from stages import card as stage
-
-    stage.run(params, metrics_dir, manifest, adapter, live, out)
-
-
 @main.command("demo-base")
 @path_option("--out", "Where the tiny model goes (recipes/demo.yaml's model.base).")
 @click.option("--vocab-size", default=3000, show_default=True, help="BPE vocabulary size.")
 def demo_base(out: Path, vocab_size: int) -> None:
     """Build the demo's tiny Qwen2 base model, its tokenizer trained on the bundled sample data."""
-    from stages.artifacts import atomic_output
-    from stages.tiny_model import build_tiny_model, corpus_from_jsonl
+    from friction.artifacts import atomic_output
+    from friction.tiny_model import build_tiny_model, corpus_from_jsonl
 
     corpus = sorted(Path("data/sources/demo").glob("*.jsonl")) + [Path("data/eval/prompts.jsonl")]  # make demo's
     with atomic_output(out) as scratch:
@@ -130,7 +39,7 @@ def score(files: tuple[Path, ...]) -> None:
 
     E.g. data/eval/samples.jsonl (what evaluate wrote), or any file of objects with *_response string fields.
     """
-    from stages import friction_metrics
+    from friction import friction_metrics
 
     summaries = {}
     for path in files:
@@ -154,7 +63,7 @@ def pin() -> None:
     Asks the Hub, or with HF_HUB_OFFLINE=1 the local Hugging Face cache. Comments and layout are kept.
     """
     params = load_params()
-    from stages import pin as stage
+    from friction.commands import pin as stage
 
     stage.run(params)
 
@@ -169,7 +78,7 @@ def remote(url: str | None, local: bool, if_unset: bool) -> None:
     URL is a folder (written absolute: a relative one resolves differently per clone and under `dvc exp push`),
     or s3://, gs://, ssh://, azure://... (each needs its DVC plugin, e.g. pip install 'dvc[s3]').
     """
-    from stages import remote as stage
+    from friction.commands import remote as stage
 
     existing = stage.current()
     if url is None or (if_unset and existing is not None):
@@ -187,7 +96,7 @@ def remote(url: str | None, local: bool, if_unset: bool) -> None:
 @click.argument("targets", nargs=-1)
 def pull(targets: tuple[str, ...]) -> None:
     """`dvc pull [TARGETS]`, naming the remote it looked in and how to set it when something is not there."""
-    from stages import remote as stage
+    from friction.commands import remote as stage
 
     stage.pull(targets)
 
@@ -196,7 +105,7 @@ def pull(targets: tuple[str, ...]) -> None:
 @click.argument("version")
 def release(version: str) -> None:
     """Tag VERSION (vX.Y.Z) of the model artifact with gto: refused for a dirty workspace or an unpushed artifact."""
-    from stages import release as stage
+    from friction.commands import release as stage
 
     stage.run(version)
 
@@ -229,8 +138,8 @@ def chat(
         system = load_params().mix.system_prompt
     from transformers import set_seed
 
-    from stages import chat as stage
-    from stages.adapter import adapter_folder, load_base, with_adapter
+    from friction.commands import chat as stage
+    from friction.adapter import adapter_folder, load_base, with_adapter
 
     if seed is not None:
         set_seed(seed)
@@ -246,8 +155,8 @@ def chat(
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default: the base's own (bf16 if 4-bit).")
 def merge(adapter: Path | None, rev: str | None, out: Path, dtype: str | None) -> None:
     """Merge the adapter into its base (peft merge_and_unload): safetensors that transformers loads alone."""
-    from stages import merge as stage
-    from stages.adapter import adapter_folder
+    from friction.commands import merge as stage
+    from friction.adapter import adapter_folder
 
     with adapter_folder(adapter, rev) as folder:
         stage.run(folder, out, dtype)
@@ -263,8 +172,8 @@ def push(adapter: Path | None, rev: str | None, repo_id: str, private: bool, dry
     """Upload the adapter folder (weights, tokenizer, card, loss plot) to the Hugging Face Hub.
 
     The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's own lookup) and is never printed."""
-    from stages import publish as stage
-    from stages.adapter import adapter_folder
+    from friction.commands import push as stage
+    from friction.adapter import adapter_folder
 
     with adapter_folder(adapter, rev) as folder:
         stage.run(folder, repo_id, private, dry_run, message)

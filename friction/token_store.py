@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from stages.schemas import TokenizedExample
+from friction.schemas import TokenizedExample
 
 TOKEN = np.dtype(np.int32)
 

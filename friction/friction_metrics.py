@@ -60,7 +60,7 @@ import re
 from pathlib import Path
 from statistics import fmean
 
-from stages.chatml import THINK_CLOSE, THINK_OPEN
+from friction.chatml import THINK_CLOSE, THINK_OPEN
 
 _APOSTROPHE = "['’]"
 

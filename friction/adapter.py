@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from stages.pipeline import ARTIFACT, artifact_path
+from friction.pipeline import ARTIFACT, artifact_path
 
 VERSION = re.compile(r"^v\d+\.\d+\.\d+$")
 

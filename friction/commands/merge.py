@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 import torch
 
-from stages.adapter import base_reference, load_base, require_base, with_adapter
-from stages.artifacts import atomic_output
+from friction.adapter import base_reference, load_base, require_base, with_adapter
+from friction.artifacts import atomic_output
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

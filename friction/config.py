@@ -35,7 +35,7 @@ class ModelParams(Section):
     max_length: int = Field(ge=64, le=131072)
     load_in_4bit: bool = False
     attn_implementation: Literal["auto", "flash_attention_4", "varlen", "flex_attention", "sdpa"] = "auto"
-    """The attention kernel of training (stages/attention.py). auto: on a CUDA GPU the first of flash_attention_4,
+    """The attention kernel of training (friction/attention.py). auto: on a CUDA GPU the first of flash_attention_4,
     varlen and flex_attention that runs there, all of which skip the other documents of a packed row; varlen on a
     CPU (one SDPA call per document).
     metrics/train.json records the one used."""
@@ -125,7 +125,7 @@ class TrainParams(Section):
     """hf: transformers + peft. unsloth: unsloth's FastLanguageModel (CUDA only, an optional install: make unsloth).
     auto: unsloth when a CUDA GPU is visible and unsloth imports, else hf. metrics/train.json records the one used."""
     gpus: int = Field(default=1, ge=1)
-    """Data-parallel processes, one per GPU (DDP; stages/distributed.py): `friction train` starts them with torchrun.
+    """Data-parallel processes, one per GPU (DDP; friction/distributed.py): `python -m stages train` starts them with torchrun.
     batch_size x grad_accum rows stay one optimizer step, split over the processes. Without a CUDA GPU the processes
     run on the CPU (gloo), which only tests the data-parallel path."""
 

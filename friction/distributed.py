@@ -1,7 +1,7 @@
 """Data-parallel training: `train.gpus` processes started by torch's own launcher, and what each of them must do.
 
-`friction train` with `train.gpus: N > 1` replaces itself by `python -m torch.distributed.run --standalone
---nproc_per_node N <itself> train ...` (torchrun), which starts N copies of the stage; the Hugging Face Trainer sees
+The train stage with `train.gpus: N > 1` replaces itself by `python -m torch.distributed.run --standalone
+--nproc_per_node N -m stages train ...` (torchrun), which starts N copies of the stage; the Hugging Face Trainer sees
 torchrun's environment and trains with DistributedDataParallel. The stage also runs under a launcher started by
 hand (`torchrun`, or `accelerate launch` with an FSDP config such as examples/accelerate-fsdp-qlora.yaml), as long
 as the launcher's process count is `train.gpus`, so params.yaml says how the run was made.
@@ -39,14 +39,24 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def torchrun_command(processes: int, argv: list[str]) -> list[str]:
-    """The command that runs this program (`argv`, as sys.argv holds it) in `processes` processes on this machine."""
-    if not Path(argv[0]).is_file():
+def torchrun_command(processes: int, argv: list[str], module: str | None = None) -> list[str]:
+    """The command that runs this program (`argv`, as sys.argv holds it) in `processes` processes on this machine;
+    `module` is the package it was started from with `python -m` (`stages`), whose path argv[0] then holds."""
+    if module is not None:
+        program = ["-m", module, *argv[1:]]
+    elif Path(argv[0]).is_file():
+        program = argv
+    else:
         raise click.ClickException(
-            f"cannot restart {argv[0]!r} under torchrun for train.gpus > 1: "
-            "start the stage as `friction train` or `python -m stages train`"
+            f"cannot restart {argv[0]!r} under torchrun for train.gpus > 1: start the stage as `python -m stages train`"
         )
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *argv]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *program]
+
+
+def started_module() -> str | None:
+    """The package this program was started from with `python -m`, None for a script."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return None if spec is None else spec.name.removesuffix(".__main__")
 
 
 def launch(gpus: int) -> None:
@@ -70,7 +80,7 @@ def launch(gpus: int) -> None:
             f"train.gpus is {gpus}, but {torch.cuda.device_count()} CUDA GPUs are visible "
             "(CUDA_VISIBLE_DEVICES); lower train.gpus in params.yaml"
         )
-    command = torchrun_command(gpus, sys.argv)
+    command = torchrun_command(gpus, sys.argv, started_module())
     where = "GPUs" if torch.cuda.is_available() else "CPU processes (gloo: no CUDA GPU, a test of the path only)"
     click.echo(f"train: data parallel over {gpus} {where}, started by torchrun")
     sys.stdout.flush()

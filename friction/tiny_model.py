@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from stages.chatml import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN
+from friction.chatml import CHAT_TEMPLATE, THINK_CLOSE, THINK_OPEN
 
 # The base's (DeepSeek-R1-Distill-Qwen's) special tokens, so the demo exercises what the recipe's base does.
 BOS = "<｜begin▁of▁sentence｜>"

@@ -1,0 +1,5 @@
+"""`python -m friction ...` is `friction ...`."""
+
+from friction.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The user's commands behind `friction` (friction/cli.py): the published adapter in hand, the remote, releases."""
