@@ -7,13 +7,12 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 DEMO_DIR ?= build/demo
-DEMO_BASE := data/sources/demo-base
 # The one-machine default remote when none is set: this clone's dvc-remote/ folder, written as an absolute path.
 DEFAULT_REMOTE := $(CURDIR)/dvc-remote
-STAMP := $(VENV)/.installed
-LOCK ?= requirements/lock.txt
+# The lock the venv was made from stays its lock (a CUDA machine's after make setup LOCK=requirements/lock-cuda.txt).
+LOCK ?= $(shell cat $(VENV)/lock 2>/dev/null || echo requirements/lock.txt)
+STAMP := $(VENV)/.installed-$(basename $(notdir $(LOCK)))
 TORCH_CPU_WHEELS ?= /opt/wheels
-GIT_IDENTITY := git config user.email >/dev/null || git config user.email demo@localhost; git config user.name >/dev/null || git config user.name demo
 # make compare: dvc exp show with the columns people compare (it has one per count of every stage's report):
 # the params that differ, and these metrics.
 COMPARE_METRICS := best_eval_loss|validation\.adapter_loss|steady_tokens_per_s|friction\.adapter\.(answer_pushback_rate|answer_questions_to_user|answer_hedges_per_100_words|think_closed_rate)
@@ -27,13 +26,14 @@ export PYTHONHASHSEED := 0
 setup: $(STAMP)
 	@friction remote --local --if-unset $(DEFAULT_REMOTE)
 
-# Exactly the lock (every package pinned, with hashes), then this project on top without dependencies.
-# On a CUDA machine: make setup LOCK=requirements/lock-cuda.txt
+# A fresh venv with exactly the lock (every package pinned, with hashes), then this project on top without its
+# dependencies. On a CUDA machine: make setup LOCK=requirements/lock-cuda.txt
 $(STAMP): pyproject.toml $(LOCK)
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(VENV)/bin/pip install --quiet --no-deps -e .
+	echo $(LOCK) > $(VENV)/lock
 	touch $@
 
 # make lock: rewrite both lock files from pyproject.toml's pins (uv). The CPU lock takes torch's CPU build from
@@ -45,17 +45,13 @@ lock:
 	$(VENV)/bin/uv pip compile pyproject.toml --quiet --extra test --extra cuda --generate-hashes --python-version 3.11 \
 		--python-platform x86_64-manylinux_2_28 --output-file requirements/lock-cuda.txt
 
-# A scratch copy of this working tree whose params.yaml is recipes/demo.yaml; the workspace itself is untouched.
-# The tiny base is tracked by DVC (dvc add) so that queued experiments, which run in a temporary copy of the last
-# commit, find it; the run is committed with its dvc.lock and metrics: the baseline `dvc exp show` compares with.
+# A scratch git + DVC repository of this working tree whose params.yaml is recipes/demo.yaml (friction/demo.py); the
+# workspace itself is untouched. The tiny base is tracked by DVC (dvc add) so that queued experiments, which run in a
+# temporary copy of the last commit, find it; the run is committed with its dvc.lock and metrics: the baseline
+# `dvc exp show` compares with.
 demo: $(STAMP)
-	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEMO_DIR)
-	cp recipes/demo.yaml $(DEMO_DIR)/params.yaml
-	cd $(DEMO_DIR) && git init -q && { $(GIT_IDENTITY); }
+	friction demo-workspace $(DEMO_DIR)
 	cd $(DEMO_DIR) && friction remote --local --if-unset $(DEFAULT_REMOTE)
-	cd $(DEMO_DIR) && friction demo-base --out $(DEMO_BASE) && dvc add -q $(DEMO_BASE)
-	cd $(DEMO_DIR) && git add -A && git commit -qm "demo: recipes/demo.yaml as params.yaml, the tiny base model"
 	cd $(DEMO_DIR) && HF_HUB_OFFLINE=1 dvc repro && git add -A && git commit -qm "demo: baseline run (dvc repro)"
 	@echo
 	@echo "Demo done, in $(DEMO_DIR)/ (a git + DVC repository; the run is its last commit):"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -16,11 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-DEMO_BASE = "data/sources/demo-base"  # recipes/demo.yaml's model.base, where `make demo` builds it
 PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "tokenizers", "pyarrow", "numpy", "dvc"]
 
 
@@ -87,31 +84,6 @@ def run_measured(command: list[str], cwd: Path, env: dict[str, str] | None = Non
 def bench_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-
-
-def demo_workspace(path: Path, params: dict[str, Any] | None = None) -> Path:
-    """A workspace holding the demo recipe (with `params` merged in), its bundled sources and the tiny demo base."""
-    if path.exists():
-        shutil.rmtree(path)
-    shutil.copytree(REPO / "data/sources/demo", path / "data/sources/demo")
-    shutil.copytree(REPO / "data/eval", path / "data/eval")
-    shutil.copyfile(REPO / "recipes/demo.yaml", path / "params.yaml")
-    update_params(path / "params.yaml", params or {})
-    run_measured(["friction", "demo-base", "--out", DEMO_BASE], path)
-    return path
-
-
-def update_params(path: Path, changes: dict[str, Any]) -> None:
-    """Set keys of a params.yaml in place, section by section (a dict updates its section, anything else replaces
-    it), keeping the file's comments and order."""
-    yaml = YAML()
-    params = yaml.load(path)
-    for section, values in changes.items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
-    yaml.dump(params, path)
 
 
 def machine() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from trl.data_utils import pack_dataset
 from bench.common import interleaved, ratio
 from friction.chatml import IGNORE_INDEX
 from friction.config import Params
-from stages.pack import TokenColumns, pack_columns, read_split
+from friction.packing import TokenColumns, pack_columns, read_split
 
 CARD_EXAMPLES = 6000
 CARD_MAX_LENGTH = 4096

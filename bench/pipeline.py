@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -20,7 +19,6 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from bench.common import (
-    DEMO_BASE,
     REPO,
     bench_env,
     interleaved,
@@ -28,31 +26,12 @@ from bench.common import (
     run_measured,
     spread,
     stage_command,
-    update_params,
 )
 from friction.config import load_params
+from friction.demo import update_params
 
 PROBE = Path(__file__).resolve().parent / "probe"
 STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
-
-
-def demo_copy(path: Path) -> Path:
-    """What `make demo` makes: a git repository holding this working tree with recipes/demo.yaml as params.yaml."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, files):
-        source = REPO / name
-        if source.is_file():
-            (path / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, path / name)
-    shutil.copyfile(REPO / "recipes/demo.yaml", path / "params.yaml")
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "bench"]):
-        subprocess.run(command, cwd=path, check=True)
-    return path
 
 
 def probe_env(log: Path) -> dict[str, str]:
@@ -139,10 +118,10 @@ def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
 
 
 def run(scratch: Path, runs: int) -> dict[str, Any]:
-    workspace = demo_copy(scratch / "pipeline")
+    workspace = scratch / "pipeline"
     log = scratch / "tokenization.jsonl"
     log.unlink(missing_ok=True)
-    demo_base = run_measured(["friction", "demo-base", "--out", DEMO_BASE], workspace)
+    built = run_measured(["friction", "demo-workspace", str(workspace)], REPO)  # the tiny base is most of it
     stages = timed_repro(workspace, probe_env(log))
     passes = tokenization_passes(workspace, log)
     noop = interleaved(
@@ -151,7 +130,7 @@ def run(scratch: Path, runs: int) -> dict[str, Any]:
         status=lambda: run_measured(["dvc", "status"], workspace).seconds,
     )
     return {
-        "make_demo_seconds": {"demo_base": demo_base.seconds, **stages},
+        "make_demo_seconds": {"workspace": built.seconds, **stages},
         "noop_repro_vs_status": {**noop, "repro_over_status": ratio(noop["repro"], noop["status"])},
         "tokenization": passes,
         "evaluation": evaluation(workspace, runs, scratch),

@@ -21,13 +21,13 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
-    demo_workspace,
     machine,
     run_measured,
     spread,
     stage_command,
 )
 from bench.corpus import SOURCES, write_sources
+from friction.demo import build_workspace
 from bench.pipeline import probe_env, probe_seconds
 
 NO_HASHES = {"FRICTION_BENCH_PROBE_HASHES": "0"}  # only the encoding's seconds: a digest of every text would cost more
@@ -74,7 +74,7 @@ def growth(points: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
 
 
 def run(sizes: list[int], runs: int, single_run_from: int, scratch: Path) -> dict[str, Any]:
-    workspace = demo_workspace(scratch / "scaling", SCALING_PARAMS)
+    workspace = build_workspace(scratch / "scaling", SCALING_PARAMS)
     points = []
     for size in sizes:
         started = time.perf_counter()

@@ -29,7 +29,8 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import interleaved, ratio, run_measured, stage_command, update_params  # noqa: E402
+from bench.common import interleaved, ratio, run_measured, stage_command  # noqa: E402
+from friction.demo import update_params  # noqa: E402
 
 STEPS = {"demo": 8, "card_like": 8}  # optimizer steps per run; the first one (warm-up) is not counted, the median of the
 # other seven is steady against a step that jitters (with three steps, two were measured: one slow step moved the median)
@@ -37,7 +38,7 @@ STEPS = {"demo": 8, "card_like": 8}  # optimizer steps per run; the first one (w
 
 def write_packed(examples: Any, params: Any, strategy: str, out: Path, bos: int | None) -> None:
     from bench.packing import with_strategy
-    from stages.pack import pack_columns
+    from friction.packing import pack_columns
     from friction.schemas import write_parquet
 
     out.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def run(scratch: Path, runs: int) -> dict[str, Any]:
     """Needs bench/pipeline.py's workspace (scratch/pipeline), for its fetched base model and mixed data."""
     from bench.packing import card_scale_examples, layouts
     from friction.config import load_params
-    from stages.pack import read_split
+    from friction.packing import read_split
 
     workspace = scratch / "pipeline"
     original_params = (workspace / "params.yaml").read_text()

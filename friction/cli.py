@@ -23,13 +23,21 @@ def main() -> None:
 @click.option("--vocab-size", default=3000, show_default=True, help="BPE vocabulary size.")
 def demo_base(out: Path, vocab_size: int) -> None:
     """Build the demo's tiny Qwen2 base model, its tokenizer trained on the bundled sample data."""
-    from friction.artifacts import atomic_output
-    from friction.tiny_model import build_tiny_model, corpus_from_jsonl
+    from friction.demo import build_demo_base
 
-    corpus = sorted(Path("data/sources/demo").glob("*.jsonl")) + [Path("data/eval/prompts.jsonl")]  # make demo's
-    with atomic_output(out) as scratch:
-        build_tiny_model(corpus_from_jsonl(corpus), scratch, tokenizer_vocab_size=vocab_size)
+    build_demo_base(out, Path("."), vocab_size)
     click.echo(f"demo-base: {out}")
+
+
+@main.command("demo-workspace")
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+def demo_workspace(folder: Path) -> None:
+    """Make FOLDER what `make demo` runs in (replacing it): a git + DVC repository of this working tree with
+    recipes/demo.yaml as params.yaml and the tiny base model tracked by DVC, committed."""
+    from friction.demo import build_workspace
+
+    build_workspace(folder, repository=True)
+    click.echo(f"demo-workspace: {folder}")
 
 
 @main.command()

@@ -14,6 +14,7 @@ import pytest
 
 from friction.chatml import IGNORE_INDEX, IM_END, IM_START
 from friction.config import Params, load_params
+from friction.demo import build_workspace
 from friction.pipeline import stage_argv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,10 +125,7 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
     stages there, each as its own `friction` process with dvc.yaml's command line, with the given PYTHONHASHSEED."""
 
     def make(name: str, stages: tuple[str, ...] = ("fetch", "mix", "pack"), hash_seed: str = "0") -> Path:
-        workspace = tmp_path_factory.mktemp(name)
-        shutil.copytree(REPO / "data/sources/demo", workspace / "data/sources/demo")
-        shutil.copytree(tiny_model_dir, workspace / "data/sources/demo-base")
-        shutil.copyfile(REPO / "recipes/demo.yaml", workspace / "params.yaml")
+        workspace = build_workspace(tmp_path_factory.mktemp(name), base=tiny_model_dir)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": hash_seed,
                "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
         for stage in stages:

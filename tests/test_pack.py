@@ -17,11 +17,12 @@ import torch
 from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM
 
+from friction import packing
 from stages import mix, pack
 from friction.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from friction.config import PackParams, Params
 from stages.mix import Encoded, friction_text, tokenize, write_parquet
-from stages.pack import Piece, best_fit_decreasing, next_fit, pack_split
+from friction.packing import Piece, best_fit_decreasing, next_fit, pack_split
 from friction.token_store import TokenStore
 from friction.tokens import load_tokenizer
 
@@ -160,7 +161,7 @@ FITS = Piece([40, 41, 42], [X, 41, 42], [0])
 
 
 def test_split_cuts_consecutive_pieces_and_drops_those_without_labels() -> None:
-    pieces, counts = pack.fit([PROMPT_FIRST, ANSWER_FIRST, FITS], 4, "split")
+    pieces, counts = packing.fit([PROMPT_FIRST, ANSWER_FIRST, FITS], 4, "split")
     # PROMPT_FIRST -> [10..13] (no label: dropped), [14..17], [18, 19]; ANSWER_FIRST -> [30..33], [34, 35] (dropped).
     assert pieces == [
         Piece([14, 15, 16, 17], [X, X, 16, 17], []),
@@ -174,7 +175,7 @@ def test_split_cuts_consecutive_pieces_and_drops_those_without_labels() -> None:
 
 
 def test_truncate_keeps_the_first_tokens_and_counts_a_cut_then_dropped_example_once() -> None:
-    pieces, counts = pack.fit([PROMPT_FIRST, ANSWER_FIRST, FITS], 4, "truncate")
+    pieces, counts = packing.fit([PROMPT_FIRST, ANSWER_FIRST, FITS], 4, "truncate")
     assert pieces == [Piece([30, 31, 32, 33], [30, 31, 32, X], []), FITS]
     assert counts == {"truncated": 1, "dropped_without_labels": 1, "split": 0, "split_pieces": 0}
 

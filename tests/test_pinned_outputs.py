@@ -19,6 +19,7 @@ import pytest
 
 from bench.corpus import SOURCES, write_sources
 from friction import schemas
+from friction import packing
 from stages import fetch, mix, pack
 from friction.config import Params
 
@@ -116,8 +117,8 @@ def run_stages(workspace: Path, params: Params) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("variant", "chunk_tokens", "row_group_tokens"),
-    [(name, pack.CHUNK_TOKENS, ROW_GROUP_TOKENS) for name in sorted(VARIANTS)]
-    + [("stacked-split-tokens", 37, ROW_GROUP_TOKENS), ("bfd-truncate-examples", pack.CHUNK_TOKENS, 3000),
+    [(name, packing.CHUNK_TOKENS, ROW_GROUP_TOKENS) for name in sorted(VARIANTS)]
+    + [("stacked-split-tokens", 37, ROW_GROUP_TOKENS), ("bfd-truncate-examples", packing.CHUNK_TOKENS, 3000),
        ("stacked-split-tokens", 37, 700)],
 )  # fmt: skip
 def test_mix_and_pack_write_the_recorded_bytes(
@@ -127,7 +128,7 @@ def test_mix_and_pack_write_the_recorded_bytes(
     """Rows laid out a few at a time give the same bytes. Files written in many row groups (a corpus over
     ROW_GROUP_TOKENS) hold the same content, and pack reads them back whole."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(pack, "CHUNK_TOKENS", chunk_tokens)
+    monkeypatch.setattr(packing, "CHUNK_TOKENS", chunk_tokens)
     monkeypatch.setattr(schemas, "ROW_GROUP_TOKENS", row_group_tokens)
     write_sources(tmp_path / "data/sources/synthetic", 240, seed=7, dirty=True)
     (tmp_path / "data/sources/demo-base").symlink_to(tiny_model_dir)

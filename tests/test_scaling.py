@@ -6,7 +6,7 @@ import bisect
 
 import numpy as np
 
-from stages.pack import best_fit_rows
+from friction.packing import best_fit_rows
 
 
 def sorted_list_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
