@@ -15,7 +15,8 @@ kernels on the 7B 4-bit shape, and auto with DDP over two GPUs if two are visibl
 H200) and `backends` (hf and unsloth, bf16 and 4-bit, on the 0.5B shape). A variant that cannot run on this machine
 (a kernel not installed, one GPU only) is listed as skipped, with the reason.
 
-Run on a CUDA machine, after `make setup cuda` (`make flash-attention-4`, `make unsloth` for those rows):
+Run on a CUDA machine, after `make setup LOCK=requirements/lock-cuda.txt` (`make flash-attention-4`, `make unsloth`
+for those rows):
     python bench/train_throughput.py --out build/bench
 Check the script itself on a CPU in about a minute (a tiny model, fp32; the GPU variants are skipped):
     python bench/train_throughput.py --smoke --out build/bench-smoke

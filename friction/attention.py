@@ -1,20 +1,6 @@
 """Which attention kernel trains on the packed rows (`model.attn_implementation`), and the varlen kernels for it.
 
-Packed rows reach the model padding-free: TRL's collator concatenates a micro-batch into one sequence and sends
-`position_ids` that restart at every document plus `cu_seq_lens_q/k` and `max_length_q/k`; transformers hands those
-keyword arguments through every decoder layer to the attention function (transformers 5.24, Qwen2). What each
-implementation does with them:
-
-- `flash_attention_4` (the flash-attn-4 wheel, Hopper and newer; `make flash-attention-4`): transformers calls its
-  varlen kernel with `cu_seq_lens`; no mask is built.
-- `varlen`: on CUDA torch's own `torch.nn.attention.varlen.varlen_attn` (a flash kernel with `cu_seqlens`), which
-  transformers does not wire in; on CPU `per_document_attention`, one causal SDPA call per document (torch's CPU
-  flash path: the scores of each document with itself, sum(L_i²) of them, and no mask). `register_varlen` adds it to
-  transformers' AttentionInterface, with the mask function of flash attention, which builds no mask for packed rows.
-- `flex_attention`: a document BlockMask built from `position_ids`; blocks of other documents are skipped.
-- `sdpa`: transformers turns the packed rows into a dense block-diagonal (batch, 1, tokens, tokens) mask; SDPA's
-  flash path refuses masks, so every score of the micro-batch is computed. Right on any device, at the cost of that
-  mask.
+What each value does with packed rows, where it runs and what `auto` picks: docs/training.md#attention-for-packed-rows.
 """
 
 from __future__ import annotations

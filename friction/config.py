@@ -35,10 +35,7 @@ class ModelParams(Section):
     max_length: int = Field(ge=64, le=131072)
     load_in_4bit: bool = False
     attn_implementation: Literal["auto", "flash_attention_4", "varlen", "flex_attention", "sdpa"] = "auto"
-    """The attention kernel of training (friction/attention.py). auto: on a CUDA GPU the first of flash_attention_4,
-    varlen and flex_attention that runs there, all of which skip the other documents of a packed row; varlen on a
-    CPU (one SDPA call per document).
-    metrics/train.json records the one used."""
+    """The attention kernel of training (friction/attention.py): docs/training.md#attention-for-packed-rows."""
 
     @model_validator(mode="after")
     def _revision_matches_location(self) -> ModelParams:
@@ -74,14 +71,12 @@ class DataParams(Section):
 
 class MixParams(Section):
     weights: dict[str, Annotated[float, Field(ge=0)]]
-    """Share of the mix drawn from each source (of its examples or tokens, see `weighting`); keys are the names in
-    data.sources. Not renormalised: a sum other than 1 is reported and warned about."""
+    """Each source's share of the mix; keys are the names in data.sources. docs/pipeline.md#mixing."""
     weighting: Literal["examples", "tokens"] = "examples"
-    """examples: weights are shares of the example count (the original code). tokens: shares of the training tokens
-    (what the card claims; the original never ran it). The exact rules are in stages/mix.py."""
+    """Whether weights are shares of examples or of training tokens: docs/pipeline.md#mixing."""
     target_max: int = Field(ge=1)
     target_fraction: float = Field(gt=0, le=1)
-    """The mix asks for min(target_max, int(target_fraction x all clean rows)) examples."""
+    """With target_max, how many examples the mix asks for: docs/pipeline.md#mixing."""
     validation_fraction: float = Field(gt=0, lt=1)
     system_prompt: str = Field(min_length=1)
     on_bad_rows: Literal["drop", "fail"] = "drop"
@@ -89,11 +84,9 @@ class MixParams(Section):
 
 class PackParams(Section):
     strategy: Literal["bfd", "stacked"] = "bfd"
-    """bfd: best-fit-decreasing, each example attends only to itself. stacked: the original's greedy next-fit,
-    examples in a row attend to each other, and its loss masking (see stages/pack.py)."""
+    """Layout and loss masking of the rows: docs/pipeline.md#packing."""
     overflow: Literal["truncate", "split", "drop"] = "truncate"
-    """An example longer than model.max_length: truncate keeps its first max_length tokens, split cuts it into
-    consecutive max_length pieces (each its own example), drop leaves it out (mix drops it as a dirty row)."""
+    """What becomes of an example longer than model.max_length: docs/pipeline.md#packing."""
 
 
 class LoraParams(Section):
@@ -122,12 +115,9 @@ class TrainParams(Section):
     gradient_checkpointing: bool = True
     logging_steps: int = Field(default=10, ge=1)
     backend: Literal["auto", "unsloth", "hf"] = "auto"
-    """hf: transformers + peft. unsloth: unsloth's FastLanguageModel (CUDA only, an optional install: make unsloth).
-    auto: unsloth when a CUDA GPU is visible and unsloth imports, else hf. metrics/train.json records the one used."""
+    """Which library loads and trains the model: docs/training.md#training-backends."""
     gpus: int = Field(default=1, ge=1)
-    """Data-parallel processes, one per GPU (DDP; friction/distributed.py): `python -m stages train` starts them with torchrun.
-    batch_size x grad_accum rows stay one optimizer step, split over the processes. Without a CUDA GPU the processes
-    run on the CPU (gloo), which only tests the data-parallel path."""
+    """Data-parallel processes, one per GPU (friction/distributed.py): docs/training.md#scaling-out."""
 
 
 class EvaluateParams(Section):
