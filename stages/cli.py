@@ -249,6 +249,7 @@ def merge(adapter: Path | None, rev: str | None, out: Path, dtype: str | None) -
     from stages import merge as stage
     from stages.adapter import adapter_folder
 
+    stage.check_out(out)  # before an adapter is fetched or a model loaded
     with adapter_folder(adapter, rev) as folder:
         stage.run(folder, out, dtype)
 
