@@ -23,6 +23,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from stages.artifacts import atomic_output, sha256_file, write_json
 from stages.config import LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams
 from stages.hub import HubRepo, Resolved, hub_errors_explained, is_commit, last_fetch_commits, resolved_commits
+from stages.source_rows import count_rows
 
 # Weights, configs and tokenizer files; skips the original checkpoints and other formats some repos also carry.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -60,8 +61,7 @@ def fetch_source(name: str, source: SourceParams, out_dir: Path) -> dict:
         snapshot = hub_snapshot(HubRepo.of_source(name, source))
         load_dataset(str(snapshot), split="train").to_json(target, lines=True, force_ascii=False)
         resolved = snapshot.name
-    with target.open("rb") as handle:
-        rows = sum(1 for line in handle if line.strip())
+    rows = count_rows(target)  # as mix reads them: a first line holding only a byte-order mark is no row
     return {
         "location": source.hub or source.path,
         "format": source.format,
