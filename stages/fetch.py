@@ -23,7 +23,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from stages.artifacts import atomic_output, sha256_file, write_json
 from stages.config import LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams
 from stages.hub import HubRepo, Resolved, hub_errors_explained, is_commit, last_fetch_commits, resolved_commits
-from stages.source_rows import count_rows
+from stages.source_rows import count_rows, local_source_file
 
 # Weights, configs and tokenizer files; skips the original checkpoints and other formats some repos also carry.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -50,9 +50,7 @@ def hub_snapshot(repo: HubRepo, **kwargs: Any) -> Path:
 def fetch_source(name: str, source: SourceParams, out_dir: Path) -> dict:
     target = out_dir / f"{name}.jsonl"
     if source.path is not None:
-        if not Path(source.path).is_file():
-            raise click.ClickException(f"data.sources.{name}.path: {source.path} is not a file")
-        shutil.copyfile(source.path, target)
+        shutil.copyfile(local_source_file(name, source.path), target)
         resolved = None
     else:
         # datasets is imported here: it is slow to import and only Hub sources need it.

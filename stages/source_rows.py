@@ -24,9 +24,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import click
 from transformers import PreTrainedTokenizerBase
 
 from stages.chatml import IM_END, IM_START, THINK_CLOSE, THINK_OPEN, turns
+from stages.config import LOCAL_SOURCES_DIR
 
 UTF8_BOM = b"\xef\xbb\xbf"
 JUDGING_OPEN, JUDGING_CLOSE = "<judging>", "</judging>"
@@ -52,6 +54,21 @@ def source_lines(handle: BinaryIO) -> Iterator[tuple[int, bytes]]:
             raw = raw[len(UTF8_BOM) :]
         if raw.strip():
             yield line_number, raw
+
+
+def local_source_file(name: str, path: str) -> Path:
+    """The file of local source `name`, which must lie inside data/sources/ once links are resolved: fetch's DVC
+    dependency is that folder, and a link out of it (to /etc/passwd, say) would copy a file nobody meant to share."""
+    file = Path(path)
+    if not file.is_file():
+        raise click.ClickException(f"data.sources.{name}.path: {path} is not a file")
+    real = file.resolve()
+    if not real.is_relative_to(LOCAL_SOURCES_DIR.resolve()):
+        raise click.ClickException(
+            f"data.sources.{name}.path: {path} is a link to {real}, outside {LOCAL_SOURCES_DIR}/; local sources live "
+            f"inside it (where DVC tracks them): copy the file there instead of linking to it"
+        )
+    return real
 
 
 def count_rows(path: Path) -> int:

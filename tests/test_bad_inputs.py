@@ -270,3 +270,29 @@ def test_a_deeply_nested_row_under_on_bad_rows_fail_names_its_file_and_line(work
     source.write_text('{"id": "deep", "question": ' + "[" * 100_000 + "]" * 100_000 + "}\n" + source.read_text())
     assert CliRunner().invoke(main, stage_args("fetch")).exit_code == 0
     fails_cleanly(workspace, "mix", "data/sources/demo/disagreement.jsonl line 1: too_deeply_nested")
+
+
+@pytest.mark.parametrize("linked", ["file", "folder"])
+def test_a_source_linked_from_outside_data_sources_is_refused(workspace: Path, tmp_path: Path, linked: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    source = workspace / "data/sources/demo/disagreement.jsonl"
+    shutil.copyfile(source, outside / "disagreement.jsonl")  # a good source: only where it lies is wrong
+    if linked == "file":
+        source.unlink()
+        source.symlink_to(outside / "disagreement.jsonl")
+    else:
+        for name in (workspace / "data/sources/demo").iterdir():
+            shutil.copyfile(name, outside / name.name)
+        shutil.rmtree(workspace / "data/sources/demo")
+        (workspace / "data/sources/demo").symlink_to(outside)
+    fails_cleanly(workspace, "fetch", f"data/sources/demo/disagreement.jsonl is a link to {outside / 'disagreement.jsonl'}")
+
+
+def test_a_link_that_stays_inside_data_sources_is_followed(workspace: Path) -> None:
+    source = workspace / "data/sources/demo/disagreement.jsonl"
+    source.rename(workspace / "data/sources/disagreement-v2.jsonl")
+    source.symlink_to(Path("../disagreement-v2.jsonl"))
+    result = CliRunner().invoke(main, stage_args("fetch"))
+    assert result.exit_code == 0, result.output
+    assert (workspace / "data/raw/disagreement.jsonl").read_bytes() == source.read_bytes()
