@@ -214,3 +214,22 @@ def test_merge_replaces_only_its_own_folder(adapter_workspace: Path):
     refused = CliRunner().invoke(main, MERGE_ARGS + ["--out", "merged"])
     assert refused.exit_code == 1 and "holds README.md, which merge did not write" in refused.output
     assert (adapter_workspace / "merged/README.md").read_text() == "how we use this model"
+
+
+@pytest.mark.parametrize("what", ["tree", "blob"])
+def test_chat_at_a_rev_naming_no_commit_is_a_clear_error(tmp_path: Path, what: str):
+    from conftest import isolated_env
+
+    env = {**isolated_env(tmp_path / "env"), "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@example.com",
+           "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@example.com"}  # fmt: skip
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=workspace, env=env, check=True)
+    spec = "HEAD^{tree}" if what == "tree" else "HEAD:.dvc/.gitignore"
+    object_id = subprocess.run(["git", "rev-parse", spec], cwd=workspace, env=env, capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
+    result = friction("chat", "--rev", object_id, "Hello?", cwd=workspace, env=env)
+    assert result.returncode == 1, result.stderr
+    assert f"--rev {object_id}: names a git {what}, not a commit" in result.stderr
+    assert "Traceback" not in result.stderr
