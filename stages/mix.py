@@ -363,7 +363,7 @@ def within_reach(
         detail = f"{len(example.text)} characters, over model.max_length {max_length} tokens for certain (not tokenized)"
         reason = "over_max_length" if overflow == "drop" else "far_over_max_length"
         if overflow == "split":
-            detail += f"; pack.overflow split would cut it into more than {limit // max_length} pieces"
+            detail += "; pack.overflow split would make pieces of it that lack the beginning of their turns"
         dropped.append({"source": example.source, "line": example.line, "id": example.id, "reason": reason,
                         "detail": detail})  # fmt: skip
 
