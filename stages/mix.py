@@ -166,10 +166,10 @@ def reluctance_text(row: dict, special: SpecialTexts = CHATML_ONLY) -> str:
     raw = _text(row, "text", None)
     check_judging(raw)
     text = raw.replace("<judging>", THINK_OPEN).replace("</judging>", THINK_CLOSE)
-    check_chatml_structure(text, special)
     found = turns(text)
     if not any(turn.group(1) == "assistant" for turn in found):
         raise BadRow("no_assistant_turn", "no assistant turn in 'text'")
+    check_chatml_structure(text, found, special)
     for turn in found:
         role, content = turn.group(1), turn.group(2)
         reply = content.rpartition(THINK_CLOSE)[2]
@@ -360,7 +360,8 @@ def within_reach(
         if overflow == "truncate":
             yield Example(example.id, example.source, example.line, example.text[:limit], cut=True)
             continue
-        detail = f"{len(example.text)} characters, over model.max_length {max_length} tokens for certain (not tokenized)"
+        detail = f"{len(example.text)} characters, over model.max_length {max_length} tokens for certain"
+        detail += " (not tokenized)"
         reason = "over_max_length" if overflow == "drop" else "far_over_max_length"
         if overflow == "split":
             detail += "; pack.overflow split would make pieces of it that lack the beginning of their turns"

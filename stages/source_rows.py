@@ -27,7 +27,7 @@ from typing import BinaryIO
 import click
 from transformers import PreTrainedTokenizerBase
 
-from stages.chatml import IM_END, IM_START, THINK_CLOSE, THINK_OPEN, turns
+from stages.chatml import IM_END, IM_START, THINK_CLOSE, THINK_OPEN
 from stages.config import LOCAL_SOURCES_DIR
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -142,18 +142,18 @@ def check_judging(text: str) -> None:
         raise BadRow("unbalanced_judging", "'text' has a <judging> that is never closed")
 
 
-def check_chatml_structure(text: str, special: SpecialTexts) -> None:
-    """A reluctance row's ChatML: every <|im_start|> opens a turn and every <|im_end|> closes one (none inside a turn,
-    where they would forge a turn or an EOS), and no other special-token text anywhere (BOS, the base's EOS...)."""
-    found = special.without(CHATML_MARKERS).first_in(text)
-    if found is not None:
-        raise BadRow("special_token_text", f"'text' holds the special-token text {found!r}")
-    count = len(turns(text))
+def check_chatml_structure(text: str, found: list[re.Match[str]], special: SpecialTexts) -> None:
+    """A reluctance row's ChatML (`found`: its turns): every <|im_start|> opens a turn and every <|im_end|> closes one
+    (none inside a turn or left over, where they would forge a turn or an EOS), and no other special-token text
+    anywhere (BOS, the base's EOS...)."""
+    other = special.without(CHATML_MARKERS).first_in(text)
+    if other is not None:
+        raise BadRow("special_token_text", f"'text' holds the special-token text {other!r}")
     for marker in (IM_START, IM_END):
-        if text.count(marker) != count:
+        if text.count(marker) != len(found):
             raise BadRow(
                 "special_token_text",
-                f"'text' has {text.count(marker)} {marker} for {count} ChatML turns: one inside a turn or outside any",
+                f"'text' has {text.count(marker)} {marker} for {len(found)} ChatML turns: one inside a turn or in none",
             )
 
 

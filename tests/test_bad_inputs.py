@@ -242,11 +242,13 @@ def test_hostile_rows_are_dropped_with_their_reason_and_line(workspace: Path, ba
         expected = {line: reason for line, (_, reason) in enumerate(rows, start=1) if reason}
         assert sorted(records) == sorted(expected), name
         for line, (reason, *details) in expected.items():
-            assert records[line]["reason"] == reason and all(d in records[line]["detail"] for d in details), records[line]
+            record = records[line]
+            assert record["reason"] == reason and all(d in record["detail"] for d in details), record
         assert (report[name]["rows_in"], report[name]["kept"]) == (len(rows), len(rows) - len(expected))
     import pyarrow.parquet as pq
 
-    kept = [row for split in ("train", "validation") for row in pq.read_table(f"data/mixed/{split}.parquet").to_pylist()]
+    splits = ("train", "validation")
+    kept = [row for split in splits for row in pq.read_table(f"data/mixed/{split}.parquet").to_pylist()]
     ids = {row["id"] for row in kept}
     assert {"good-1", "good-2"} <= ids and not ids & {"im-end", "bos", "forged-turn", "eos", "pad", "think"}
     for row in kept:  # one BOS, at the start; no special-token text of a field left in a kept text
@@ -286,7 +288,8 @@ def test_a_source_linked_from_outside_data_sources_is_refused(workspace: Path, t
             shutil.copyfile(name, outside / name.name)
         shutil.rmtree(workspace / "data/sources/demo")
         (workspace / "data/sources/demo").symlink_to(outside)
-    fails_cleanly(workspace, "fetch", f"data/sources/demo/disagreement.jsonl is a link to {outside / 'disagreement.jsonl'}")
+    target = outside / "disagreement.jsonl"
+    fails_cleanly(workspace, "fetch", f"demo/disagreement.jsonl is a link to {target}, outside data/sources/")
 
 
 def test_a_link_that_stays_inside_data_sources_is_followed(workspace: Path) -> None:

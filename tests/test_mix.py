@@ -147,6 +147,12 @@ def test_reluctance_standard_chatml_and_multi_turn_are_trained_verbatim() -> Non
         ({"text": ["a"]}, "field 'text' is list"),
         ({"prompt": "Hi"}, "missing field 'text'"),
         ({"text": None}, "missing field 'text'"),
+        ({"text": reluctance_text("Hi", judging="a </judging> b")}, "a </judging> without its <judging>"),
+        ({"text": reluctance_text("Hi", judging="<judging> nested")}, "a <judging> inside another"),
+        ({"text": reluctance_text("Hi").replace("</judging>", "")}, "a <judging> that is never closed"),
+        ({"text": reluctance_text("Hi <|im_end|> there")}, "4 <|im_end|> for 3 ChatML turns"),
+        ({"text": reluctance_text("Hi").replace("Hi", "<|im_start|>assistant\nforged")}, "4 <|im_start|> for 3"),
+        ({"text": reluctance_text("Hi") + "<|im_start|>assistant\nnever closed"}, "4 <|im_start|> for 3"),
     ],
 )
 def test_bad_reluctance_rows(row: dict, reason: str) -> None:

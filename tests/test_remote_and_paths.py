@@ -102,7 +102,8 @@ def test_make_remote_after_make_setup_makes_dvc_push_go_there(clone, tmp_path: P
 def test_a_clone_set_up_before_the_default_had_its_own_name_pushes_to_the_shared_remote_too(clone, tmp_path: Path):
     workspace, env = clone
     # What make setup wrote before: the one-machine folder as 'storage' in .dvc/config.local.
-    run("dvc", "remote", "add", "--local", "--default", "storage", str(workspace / "dvc-remote"), cwd=workspace, env=env)
+    old_default = str(workspace / "dvc-remote")
+    run("dvc", "remote", "add", "--local", "--default", "storage", old_default, cwd=workspace, env=env)
     shared = tmp_path / "team-storage"
     run("make", "remote", f"URL={shared}", cwd=workspace, env=env)
     (workspace / "data/notes.txt").write_text("what the team shares")
