@@ -12,7 +12,8 @@
    token count is len(input_ids). A tokenizer that does not give back the text it encoded stops the stage.
 3. Rows longer than model.max_length: under `pack.overflow: drop` they are dirty rows (`over_max_length`), dropped
    here before sampling so the target is met by usable rows; under truncate or split they are kept, counted per
-   source (`over_max_length`), and pack cuts them.
+   source (`over_max_length`), and pack cuts them. A row whose characters alone put it far over (`within_reach`) is
+   never tokenized whole: dropped under drop and split, its head tokenized under truncate.
 4. Sample. asked = min(target_max, int(target_fraction x clean rows)); per source, rows asked = int(asked x w) and
    tokens asked = int(budget x w), where budget = floor(asked x clean tokens / clean rows), i.e. asked times the
    mean tokens of a clean row over all sources. Each source's rows are shuffled with the seed (datasets'
