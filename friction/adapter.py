@@ -49,6 +49,7 @@ def download_at(rev: str, out: Path) -> Path:
     try:
         with Repo() as repo:
             commit = resolve_rev(repo.scm, git_rev)
+        require_commit(rev, commit)
         Repo.get(".", str(artifact_path()), out=str(out), rev=commit)
     except RevError:
         raise click.ClickException(f"--rev {rev}: no such version, commit, branch, tag or experiment here") from None
@@ -61,6 +62,18 @@ def download_at(rev: str, out: Path) -> Path:
         ) from None
     click.echo(f"{artifact_path()} at {git_rev} ({commit[:10]})", err=True)
     return out
+
+
+def require_commit(rev: str, object_id: str) -> None:
+    """`rev` must name a commit: git also resolves a tree's or a file's id, which holds no artifact to get."""
+    import subprocess
+
+    named = subprocess.run(["git", "cat-file", "-t", object_id], capture_output=True, text=True, check=False)
+    if named.stdout.strip() != "commit":
+        what = named.stdout.strip() or "object"
+        raise click.ClickException(
+            f"--rev {rev}: names a git {what}, not a commit; give a version (v1.0.0), commit, branch, tag or experiment"
+        )
 
 
 def base_reference(folder: Path) -> tuple[str, str | None]:

@@ -60,6 +60,15 @@ def assistant_spans(text: str, found: list[re.Match[str]] | None = None) -> list
     return [(turn.start(2), turn.end()) for turn in found or turns(text) if turn.group(1) == "assistant"]
 
 
+def open_assistant_turn(text: str, found: list[re.Match[str]] | None = None) -> tuple[int, int] | None:
+    """The span of an assistant turn that `text` ends inside (a head cut from a longer text): from its content's start
+    to the end of the text; None when the text does not end inside one."""
+    found = turns(text) if found is None else found
+    header = f"{IM_START}assistant\n"
+    start = text.rfind(header, found[-1].end() if found else 0)
+    return (start + len(header), len(text)) if start >= 0 else None
+
+
 def user_starts(text: str, found: list[re.Match[str]] | None = None) -> list[int]:
     """The character offset of every user turn's header (where the original's masking closed a trained run)."""
     return [turn.start() for turn in found or turns(text) if turn.group(1) == "user"]

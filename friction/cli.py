@@ -93,9 +93,13 @@ def remote(url: str | None, local: bool, if_unset: bool) -> None:
         click.echo(stage.describe(existing))
         return
     install = stage.missing_plugin(url)  # first: an unknown scheme stops here
-    kept = stage.set_remote(url, local)
+    # make setup's one-machine default has a name of its own, which a shared remote set later replaces
+    name = stage.ONE_MACHINE if local and if_unset else stage.NAME
+    kept = stage.set_remote(url, local, name)
     scope = ".dvc/config.local (this clone only)" if local else ".dvc/config: commit it so every clone uses it"
-    click.echo(f"DVC remote {stage.NAME!r} -> {kept}, in {scope}")
+    click.echo(f"DVC remote {name!r} -> {kept}, in {scope}")
+    if not local:
+        stage.leave_shared_remote_in_use()
     if install is not None:
         click.echo(f"warning: DVC cannot reach {kept} until its plugin is installed: {install}", err=True)
 
@@ -166,6 +170,7 @@ def merge(adapter: Path | None, rev: str | None, out: Path, dtype: str | None) -
     from friction.commands import merge as stage
     from friction.adapter import adapter_folder
 
+    stage.check_out(out)  # before an adapter is fetched or a model loaded
     with adapter_folder(adapter, rev) as folder:
         stage.run(folder, out, dtype)
 

@@ -139,7 +139,8 @@ class CardParams(Section):
 class Params(Section):
     recipe: str = Field(min_length=1)
     """The recipe's name (recipes/<name>.yaml); the card says which one it ran."""
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**32 - 1)
+    """numpy's and torch's seeding (what train calls) takes at most 2^32 - 1."""
     model: ModelParams
     data: DataParams
     mix: MixParams

@@ -175,28 +175,34 @@ def load_records(path: Path) -> list[dict]:
     A file whose first non-blank character is ``[`` is read as JSON, anything else as JSON Lines. Bad input raises a
     ValueError naming the file and the line (or the list item).
     """
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # an editor's byte-order mark is not part of the JSON
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from error
+        items = _parsed(text, path, None)
         located = [(f"{path}: item {index}", item) for index, item in enumerate(items)]
     else:
         located = []
         for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid JSON: {error.msg}") from error
+            if line.strip():
+                located.append((f"{path}:{number}", _parsed(line, path, number)))
     for where, item in located:
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
     if not located:
         raise ValueError(f"{path}: no records")
     return [item for _, item in located]
+
+
+def _parsed(text: str, path: Path, line: int | None) -> object:
+    """json.loads of a whole file (`line` None) or of its line `line`; a failure is a ValueError naming both."""
+    where = f"{path}:{line}" if line else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{line or error.lineno}: invalid JSON: {error.msg}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested deeper than Python's parser recurses") from None
+    except ValueError as error:  # an integer of more digits than int() converts
+        raise ValueError(f"{where}: an integer longer than Python converts ({error})") from None
 
 
 def score_records(records: list[dict]) -> dict[str, dict[str, float]]:

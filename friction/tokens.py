@@ -23,13 +23,18 @@ from friction.chatml import IM_END
 
 def load_tokenizer(location: str | Path, revision: str | None) -> PreTrainedTokenizerBase:
     """The base's fast tokenizer with ``<|im_end|>`` mapped to its EOS id; a clear error if it cannot load."""
+    return map_end_of_turn(load_unmapped_tokenizer(location, revision))
+
+
+def load_unmapped_tokenizer(location: str | Path, revision: str | None) -> PreTrainedTokenizerBase:
+    """The base's fast tokenizer as stored (its EOS not yet renamed); a clear error if it cannot load."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(location), revision=revision)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise click.ClickException(f"{location}: cannot load the base model's tokenizer ({error})") from None
     if not tokenizer.is_fast:
         raise click.ClickException(f"{location}: the tokenizer has no fast version; offsets are needed")
-    return map_end_of_turn(tokenizer)
+    return tokenizer
 
 
 def map_end_of_turn(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

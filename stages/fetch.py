@@ -20,11 +20,12 @@ import click
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from friction.artifacts import atomic_output, read_json, sha256_file, write_json
-from friction.config import load_params, LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams
-from friction.hub import HubRepo, Resolved, hub_errors_explained, is_commit, last_fetch_commits, resolved_commits
 from friction import environment
+from friction.artifacts import atomic_output, read_json, sha256_file, write_json
+from friction.config import LOCAL_SOURCES_DIR, ModelParams, Params, SourceParams, load_params
+from friction.hub import HubRepo, Resolved, hub_errors_explained, is_commit, last_fetch_commits, resolved_commits
 from friction.pipeline import path_option
+from friction.source_rows import count_rows, local_source_file
 
 # Weights, configs and tokenizer files; skips the original checkpoints and other formats some repos also carry.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -51,9 +52,7 @@ def hub_snapshot(repo: HubRepo, **kwargs: Any) -> Path:
 def fetch_source(name: str, source: SourceParams, out_dir: Path) -> dict:
     target = out_dir / f"{name}.jsonl"
     if source.path is not None:
-        if not Path(source.path).is_file():
-            raise click.ClickException(f"data.sources.{name}.path: {source.path} is not a file")
-        shutil.copyfile(source.path, target)
+        shutil.copyfile(local_source_file(name, source.path), target)
         resolved = None
     else:
         # datasets is imported here: it is slow to import and only Hub sources need it.
@@ -62,8 +61,7 @@ def fetch_source(name: str, source: SourceParams, out_dir: Path) -> dict:
         snapshot = hub_snapshot(HubRepo.of_source(name, source))
         load_dataset(str(snapshot), split="train").to_json(target, lines=True, force_ascii=False)
         resolved = snapshot.name
-    with target.open("rb") as handle:
-        rows = sum(1 for line in handle if line.strip())
+    rows = count_rows(target)  # as mix reads them: a first line holding only a byte-order mark is no row
     return {
         "location": source.hub or source.path,
         "format": source.format,

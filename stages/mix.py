@@ -12,7 +12,8 @@
    token count is len(input_ids). A tokenizer that does not give back the text it encoded stops the stage.
 3. Rows longer than model.max_length: under `pack.overflow: drop` they are dirty rows (`over_max_length`), dropped
    here before sampling so the target is met by usable rows; under truncate or split they are kept, counted per
-   source (`over_max_length`), and pack cuts them.
+   source (`over_max_length`), and pack cuts them. A row whose characters alone put it far over (`within_reach`) is
+   never tokenized whole: dropped under drop and split, its head tokenized under truncate.
 4. Sample. asked = min(target_max, int(target_fraction x clean rows)); per source, rows asked = int(asked x w) and
    tokens asked = int(budget x w), where budget = floor(asked x clean tokens / clean rows), i.e. asked times the
    mean tokens of a clean row over all sources. Each source's rows are shuffled with the seed (datasets'
@@ -59,19 +60,32 @@ from friction.chatml import (
     THINK_OPEN,
     assistant_content,
     assistant_spans,
+    open_assistant_turn,
     render,
     turns,
     user_starts,
 )
+from friction import environment
 from friction.config import Params, load_params
+from friction.pipeline import path_option
+from friction.source_rows import (
+    CHATML_ONLY,
+    NO_SPECIAL_TEXTS,
+    BadRow,
+    SpecialTexts,
+    certainly_over_chars,
+    check_chatml_structure,
+    check_field,
+    check_judging,
+    parse_row,
+    source_lines,
+    special_token_texts,
+)
 from friction.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, row_groups, write_row_groups
 from friction.token_store import Stored, TokenArrays, TokenStore
-from friction.tokens import encode_texts, load_tokenizer
-from friction import environment
-from friction.pipeline import path_option
+from friction.tokens import encode_texts, load_unmapped_tokenizer, map_end_of_turn
 
 GENERATOR_ERROR = re.compile(r"^\s*Error:")
-UTF8_BOM = b"\xef\xbb\xbf"
 FORMAT_NEEDS = {
     "friction": "'question', 'agent_responses' with 'thought_stream's and 'final_answer'",
     "reluctance": "a ChatML conversation in 'text' with an assistant turn",
@@ -80,20 +94,14 @@ FORMAT_NEEDS = {
 T = TypeVar("T")
 
 
-class BadRow(Exception):
-    """A row that cannot become a training example: `kind` names the reason in reports, the message details it."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
-
-
 @dataclass(frozen=True, slots=True)
 class Example:
     id: str
     source: str
     line: int
     text: str
+    cut: bool = False
+    """Only the first characters of the row's text (it is far over model.max_length, and pack truncates it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,8 @@ class Encoded:
 # --- reading and cleaning -------------------------------------------------------------------------------------
 
 
-def _text(row: dict, key: str) -> str:
+def _text(row: dict, key: str, special: SpecialTexts | None) -> str:
+    """The text field `key` of a row; `special`: the special-token texts it must not hold (None: not checked here)."""
     value = row.get(key)
     if value is None:  # a Hub dataset's Arrow table turns a missing field into null
         raise BadRow("missing_field", f"missing field '{key}'")
@@ -125,12 +134,14 @@ def _text(row: dict, key: str) -> str:
         raise BadRow("empty_field", f"empty field '{key}'")
     if GENERATOR_ERROR.match(value):
         raise BadRow("generator_error", f"generator error in '{key}'")
+    check_field(value, key, special or NO_SPECIAL_TEXTS)
     return value
 
 
-def friction_messages(row: dict, system_prompt: str) -> list[dict[str, str]]:
-    """friction-* rows: a question, five agents' thought streams, a final answer (original-recipe.md section 3)."""
-    question = _text(row, "question")
+def friction_messages(row: dict, system_prompt: str, special: SpecialTexts = CHATML_ONLY) -> list[dict[str, str]]:
+    """friction-* rows: a question, five agents' thought streams, a final answer (original-recipe.md section 3).
+    No field may hold a text of `special` (the tokenizer's special and added tokens, the ChatML markers)."""
+    question = _text(row, "question", special)
     agents = row.get("agent_responses")
     if agents is None:
         raise BadRow("missing_field", "missing field 'agent_responses'")
@@ -138,8 +149,8 @@ def friction_messages(row: dict, system_prompt: str) -> list[dict[str, str]]:
         raise BadRow("wrong_type", "field 'agent_responses' is not a list of objects")
     if not agents:
         raise BadRow("empty_field", "empty field 'agent_responses'")
-    thoughts = "\n\n".join(_text(agent, "thought_stream") for agent in agents)
-    answer = _text(row, "final_answer")
+    thoughts = "\n\n".join(_text(agent, "thought_stream", special) for agent in agents)
+    answer = _text(row, "final_answer", special)
     return [
         {"role": "system", "content": system_prompt},
         {"role": "user", "content": question},
@@ -147,17 +158,21 @@ def friction_messages(row: dict, system_prompt: str) -> list[dict[str, str]]:
     ]
 
 
-def friction_text(row: dict, system_prompt: str) -> str:
-    return render(friction_messages(row, system_prompt))
+def friction_text(row: dict, system_prompt: str, special: SpecialTexts = CHATML_ONLY) -> str:
+    return render(friction_messages(row, system_prompt, special))
 
 
-def reluctance_text(row: dict) -> str:
+def reluctance_text(row: dict, special: SpecialTexts = CHATML_ONLY) -> str:
     """reluctance-* rows: a whole ChatML conversation in `text`, reasoning in a <judging> block, trained verbatim as
-    the original did (only the tags renamed); the turns are read to check them and to find the trained spans."""
-    text = _text(row, "text").replace("<judging>", THINK_OPEN).replace("</judging>", THINK_CLOSE)
+    the original did (only the tags renamed); the turns are read to check them and to find the trained spans. Its
+    ChatML markers must be its turns' and its <judging> blocks balanced; no other text of `special` may appear."""
+    raw = _text(row, "text", None)
+    check_judging(raw)
+    text = raw.replace("<judging>", THINK_OPEN).replace("</judging>", THINK_CLOSE)
     found = turns(text)
     if not any(turn.group(1) == "assistant" for turn in found):
         raise BadRow("no_assistant_turn", "no assistant turn in 'text'")
+    check_chatml_structure(text, found, special)
     for turn in found:
         role, content = turn.group(1), turn.group(2)
         reply = content.rpartition(THINK_CLOSE)[2]
@@ -169,33 +184,27 @@ def reluctance_text(row: dict) -> str:
 
 
 def read_source(
-    path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict]
-) -> Iterator[Example]:
-    """Parse one fetched source a line at a time: yield its examples, and add a record to `dropped` for every row
-    that cannot be trained on."""
+    path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict],
+    special: SpecialTexts = CHATML_ONLY,
+) -> Iterator[Example]:  # fmt: skip
+    """Parse one fetched source a line at a time (the rows fetch counted: friction/source_rows.py): yield its examples,
+    and add a record to `dropped` for every row that cannot be trained on."""
     with path.open("rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if line_number == 1 and raw.startswith(UTF8_BOM):  # an editor's byte-order mark, not part of the row
-                raw = raw[len(UTF8_BOM) :]
-            if not raw.strip():
-                continue
+        for line_number, raw in source_lines(handle):
             try:
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise BadRow("invalid_utf8", "not valid UTF-8") from None
-                except json.JSONDecodeError:
-                    raise BadRow("invalid_json", "not valid JSON") from None
+                row = parse_row(raw)
                 if not isinstance(row, dict):
                     raise BadRow("wrong_type", "not a JSON object")
                 if source_format == "friction":
-                    text = friction_text(row, system_prompt)
+                    text = friction_text(row, system_prompt, special)
                 else:
-                    text = reluctance_text(row)
+                    text = reluctance_text(row, special)
+                row_id = row.get("id")
+                if isinstance(row_id, str):
+                    check_field(row_id, "id", NO_SPECIAL_TEXTS)  # written to the outputs
             except BadRow as bad:
                 dropped.append({"source": name, "line": line_number, "reason": bad.kind, "detail": str(bad)})
                 continue
-            row_id = row.get("id")
             row_id = str(row_id) if row_id is not None else f"{name}:{line_number}"
             yield Example(row_id, name, line_number, text)
 
@@ -244,19 +253,24 @@ def first_token_from(encoding: Encoding, position: int, text_length: int) -> int
     return token
 
 
-def tokenize_batch(texts: Sequence[str], encodings: Sequence[Encoding]) -> list[tuple[list[int], TokenArrays]]:
+def tokenize_batch(
+    texts: Sequence[str], encodings: Sequence[Encoding], cut: Sequence[bool] | None = None
+) -> list[tuple[list[int], TokenArrays]]:
     """From each text's encoding (`encode_texts`): its token ids (a list, for the round-trip check) with the special
     tokens the tokenizer adds (its BOS), and its TokenArrays: labelled where a token starts inside an assistant span;
     user_starts the first token holding each user header's first character. Token boundaries come from the Rust
     encoding's char_to_token at the few span edges, not from every token's offsets, whose conversion to Python would
-    cost a third of the encoding itself."""
+    cost a third of the encoding itself. A `cut` text (the head of a row far over model.max_length) that ends inside
+    an assistant turn has that turn's content labelled to its end, as the whole row's tokens would be."""
     out = []
-    for text, encoding in zip(texts, encodings, strict=True):
+    for text, encoding, is_cut in zip(texts, encodings, cut or [False] * len(texts), strict=True):
         token_ids = encoding.ids
         ids = np.array(token_ids, dtype=np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         found = turns(text)
-        for start, end in assistant_spans(text, found):
+        spans = assistant_spans(text, found)
+        tail = open_assistant_turn(text, found) if is_cut else None
+        for start, end in spans + ([tail] if tail else []):
             first, stop = first_token_from(encoding, start, len(text)), first_token_from(encoding, end, len(text))
             labels[first:stop] = ids[first:stop]
         turn_starts = [token_holding(encoding, start, len(text)) for start in user_starts(text, found)]
@@ -299,8 +313,12 @@ def round_trip_problems(
     return problems
 
 
-def base_tokenizer(manifest_path: Path) -> PreTrainedTokenizerBase:
-    return load_tokenizer(*base_model_reference(manifest_path))
+def base_tokenizer(manifest_path: Path) -> tuple[PreTrainedTokenizerBase, SpecialTexts]:
+    """The base's tokenizer as the original used it, and the texts its special and added tokens have (the base's own
+    EOS text among them, read before `map_end_of_turn` renames it)."""
+    tokenizer = load_unmapped_tokenizer(*base_model_reference(manifest_path))
+    special = special_token_texts(tokenizer)
+    return map_end_of_turn(tokenizer), special
 
 
 def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -328,6 +346,32 @@ def encoded_batches(
             batch, encodings = following
 
 
+def within_reach(
+    examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, params: Params, dropped: list[dict]
+) -> Iterator[Example]:
+    """The examples, a row far over model.max_length recognised by its characters before it is tokenized (whole, one
+    30 MB row would cost gigabytes): under `pack.overflow: drop` dropped as over_max_length; under truncate cut to the
+    head that holds more than model.max_length tokens for certain (pack keeps the same first max_length tokens);
+    under split dropped as far_over_max_length, since pieces of one row without its turns' beginnings would be
+    trained as examples of their own."""
+    max_length, overflow = params.model.max_length, params.pack.overflow
+    limit = certainly_over_chars(max_length, tokenizer)
+    for example in examples:
+        if len(example.text) <= limit:
+            yield example
+            continue
+        if overflow == "truncate":
+            yield Example(example.id, example.source, example.line, example.text[:limit], cut=True)
+            continue
+        detail = f"{len(example.text)} characters, over model.max_length {max_length} tokens for certain"
+        detail += " (not tokenized)"
+        reason = "over_max_length" if overflow == "drop" else "far_over_max_length"
+        if overflow == "split":
+            detail += "; pack.overflow split would make pieces of it that lack the beginning of their turns"
+        dropped.append({"source": example.source, "line": example.line, "id": example.id, "reason": reason,
+                        "detail": detail})  # fmt: skip
+
+
 def encode(
     examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
 ) -> list[Encoded]:
@@ -337,7 +381,7 @@ def encode(
     encoded = []
     for batch, encodings in encoded_batches(examples, tokenizer):
         texts = [example.text for example in batch]
-        tokenized = tokenize_batch(texts, encodings)
+        tokenized = tokenize_batch(texts, encodings, [example.cut for example in batch])
         problems = round_trip_problems(texts, [token_ids for token_ids, _ in tokenized], tokenizer)
         for example, problem in zip(batch, problems, strict=True):
             if problem:
@@ -515,18 +559,19 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
             raise click.ClickException(
                 f"{raw_dir / f'{name}.jsonl'}: missing, though the fetch manifest lists source {name!r}; rerun fetch"
             )
-    tokenizer = base_tokenizer(manifest_path)
+    tokenizer, special = base_tokenizer(manifest_path)
 
     dropped: list[dict] = []
     duplicates: list[dict] = []
     examples = itertools.chain.from_iterable(
-        read_source(raw_dir / f"{name}.jsonl", name, source.format, params.mix.system_prompt, dropped)
+        read_source(raw_dir / f"{name}.jsonl", name, source.format, params.mix.system_prompt, dropped, special)
         for name, source in params.data.sources.items()
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # The tokens wait on disk beside the output: memory holds where each example lies, not the examples read.
     with TokenStore(out_dir.parent) as store:
-        encoded = encode(unique(examples, duplicates), tokenizer, params, store)
+        examples = within_reach(unique(examples, duplicates), tokenizer, params, dropped)
+        encoded = encode(examples, tokenizer, params, store)
         mix_and_write(params, encoded, dropped + duplicates, rows_in, tokenizer, store, out_dir, metrics_path)
 
 

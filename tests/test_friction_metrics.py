@@ -207,3 +207,34 @@ def test_benchmark_table_is_what_the_vendored_pairs_give(author_records: list[di
         for cell, field in zip(row.groups(), ("baseline_response", "tuned_response")):
             value = summaries[field][metric]
             assert cell == (f"{value:.0%}".replace("%", " %") if style == "percent" else style.format(value)), label
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"a_response": ' + "[" * 100_000 + "]" * 100_000 + "}", "bad.jsonl:2: JSON nested deeper than"),
+        ('{"a_response": "x", "n": 1' + "0" * 5000 + "}", "bad.jsonl:2: an integer longer than Python converts"),
+    ],
+)
+def test_friction_score_names_the_file_and_line_of_a_row_python_cannot_parse(tmp_path: Path, line: str, message: str):
+    from click.testing import CliRunner
+
+    from friction.cli import main
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a_response": "x"}\n' + line + "\n")
+    result = CliRunner().invoke(main, ["score", str(path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"{tmp_path}/{message}" in result.output
+
+
+def test_friction_score_reads_a_file_with_a_byte_order_mark(tmp_path: Path):
+    from click.testing import CliRunner
+
+    from friction.cli import main
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"a_response": "Maybe \\ud800 not."}\n')  # a lone surrogate is scored as text
+    result = CliRunner().invoke(main, ["score", str(path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[str(path)]["a_response"]["n"] == 1

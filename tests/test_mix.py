@@ -19,6 +19,7 @@ from stages import mix
 from friction.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
 from friction.config import PackParams, Params
 from stages.mix import BadRow, Encoded, friction_messages, friction_text, tokenize
+from friction.source_rows import certainly_over_chars
 from friction.token_store import Stored
 from friction.tokens import load_tokenizer
 
@@ -146,6 +147,12 @@ def test_reluctance_standard_chatml_and_multi_turn_are_trained_verbatim() -> Non
         ({"text": ["a"]}, "field 'text' is list"),
         ({"prompt": "Hi"}, "missing field 'text'"),
         ({"text": None}, "missing field 'text'"),
+        ({"text": reluctance_text("Hi", judging="a </judging> b")}, "a </judging> without its <judging>"),
+        ({"text": reluctance_text("Hi", judging="<judging> nested")}, "a <judging> inside another"),
+        ({"text": reluctance_text("Hi").replace("</judging>", "")}, "a <judging> that is never closed"),
+        ({"text": reluctance_text("Hi <|im_end|> there")}, "4 <|im_end|> for 3 ChatML turns"),
+        ({"text": reluctance_text("Hi").replace("Hi", "<|im_start|>assistant\nforged")}, "4 <|im_start|> for 3"),
+        ({"text": reluctance_text("Hi") + "<|im_start|>assistant\nnever closed"}, "4 <|im_start|> for 3"),
     ],
 )
 def test_bad_reluctance_rows(row: dict, reason: str) -> None:
@@ -514,6 +521,37 @@ def test_over_length_rows_are_kept_and_counted_for_pack(workspace: Path, make_pa
     cap = MAX_LENGTH if overflow == "truncate" else None
     lengths = [len(e["input_ids"]) for e in read_mixed() if e["source"] == "fr_a"]
     assert counts["tokens"] == sum(min(n, cap) if cap else n for n in lengths)
+
+
+@pytest.mark.parametrize("overflow", ["truncate", "drop", "split"])
+def test_a_row_far_over_max_length_is_never_tokenized_whole(
+    workspace: Path, make_params: Callable, tokenizer, overflow: str
+) -> None:
+    huge = friction_row("huge", answer="I hear you, and I'm not sure it is that simple. " * 8000)  # ~400k characters
+    write_raw(Path("data/raw"), {"fr_a": [friction_row(f"a{i}") for i in range(8)] + [huge]})  # line 9
+    params = with_overflow(make_params({"fr_a": "friction"}, {"fr_a": 1.0}, target_fraction=1.0), MAX_LENGTH, overflow)
+    text = friction_text(huge, SYSTEM_PROMPT)
+    limit = certainly_over_chars(MAX_LENGTH, tokenizer)
+    assert len(text) > 20 * limit  # the bound is generous, and this row far beyond it
+
+    report = run_mix(params)
+    counts = report["sources"]["fr_a"]
+    dropped = read_jsonl(Path("data/mixed/dropped.jsonl"))
+    if overflow == "truncate":  # kept for pack to cut, as any over-length row: only its head was tokenized
+        assert (counts["dropped"], counts["kept"], counts["over_max_length"]) == ({}, 9, 1)
+        [row] = [e for e in read_mixed() if e["id"] == "huge"]
+        assert len(row["text"]) == limit and text.startswith(row["text"])
+        whole = tokenize(text, tokenizer)  # what tokenizing it all gives: the same first max_length tokens and labels
+        assert row["input_ids"][:MAX_LENGTH] == whole.input_ids[:MAX_LENGTH]
+        assert row["labels"][:MAX_LENGTH] == whole.labels[:MAX_LENGTH]
+        assert any(label != IGNORE_INDEX for label in row["labels"][:MAX_LENGTH])  # the answer's head is trained
+        assert len(row["input_ids"]) < len(whole.input_ids) // 10
+        return
+    reason = "over_max_length" if overflow == "drop" else "far_over_max_length"
+    assert (counts["dropped"], counts["kept"]) == ({reason: 1}, 8)
+    [record] = dropped
+    assert (record["line"], record["id"], record["reason"]) == (9, "huge", reason)
+    assert f"{len(text)} characters, over model.max_length {MAX_LENGTH} tokens for certain" in record["detail"]
 
 
 # --- weighting ----------------------------------------------------------------------------------------------

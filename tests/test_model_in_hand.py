@@ -141,3 +141,95 @@ def test_push_dry_run_lists_the_folder_and_sends_nothing(made_demo):
     refused = friction("push", "--repo-id", "me/friction-demo", cwd=workspace, env=env)
     assert refused.returncode == 1 and "not pushing models/friction-adapter" in refused.stderr
     assert secret not in refused.stdout + refused.stderr
+
+
+# --- merge never deletes what it did not write ------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter_workspace(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A workspace as a user has it after training: models/ with the adapter, checkpoints and the published folder."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    published = tmp_path / ARTIFACT
+    adapter.save_pretrained(str(published))
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(str(published))
+    (tmp_path / "models/adapter").mkdir()
+    (tmp_path / "models/adapter/adapter_model.safetensors").write_bytes(b"weights of the trained adapter")
+    (tmp_path / "models/checkpoints/checkpoint-4").mkdir(parents=True)
+    (tmp_path / "models/checkpoints/checkpoint-4/trainer_state.json").write_text('{"global_step": 4}')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+MERGE_ARGS = ["merge", "--adapter", ARTIFACT, "--dtype", "fp32"]
+
+
+def every_file(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (".", "--out .: is the current folder"),
+        ("..", "--out ..: is a folder above the current one"),
+        ("models", "--out models: holds adapter, checkpoints, friction-adapter, which merge did not write"),
+        ("notes", "--out notes: holds ideas.txt, which merge did not write"),
+        ("notes/ideas.txt", "--out notes/ideas.txt: is a file, not a folder"),
+    ],
+)
+def test_merge_refuses_a_folder_holding_what_it_did_not_write(adapter_workspace: Path, out: str, message: str):
+    from click.testing import CliRunner
+
+    from friction.cli import main
+
+    (adapter_workspace / "notes").mkdir()
+    (adapter_workspace / "notes/ideas.txt").write_text("a week of notes")
+    before = every_file(adapter_workspace)
+    result = CliRunner().invoke(main, MERGE_ARGS + ["--out", out])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert message in result.output and "give a new folder" in result.output, result.output
+    assert every_file(adapter_workspace) == before  # nothing removed, nothing written
+    assert not list(adapter_workspace.parent.glob(".*.partial")) and not list(adapter_workspace.glob("**/.*.partial"))
+
+
+def test_merge_replaces_only_its_own_folder(adapter_workspace: Path):
+    from click.testing import CliRunner
+
+    from friction.cli import main
+
+    first = CliRunner().invoke(main, MERGE_ARGS + ["--out", "merged"])
+    assert first.exit_code == 0, first.output
+    written = every_file(adapter_workspace / "merged")
+    assert "model.safetensors" in written and "friction-merge.json" in written
+    again = CliRunner().invoke(main, MERGE_ARGS + ["--out", "merged"])  # its own folder: replaced
+    assert again.exit_code == 0, again.output
+    assert every_file(adapter_workspace / "merged") == written
+
+    (adapter_workspace / "merged/README.md").write_text("how we use this model")  # a person adds a file
+    refused = CliRunner().invoke(main, MERGE_ARGS + ["--out", "merged"])
+    assert refused.exit_code == 1 and "holds README.md, which merge did not write" in refused.output
+    assert (adapter_workspace / "merged/README.md").read_text() == "how we use this model"
+
+
+@pytest.mark.parametrize("what", ["tree", "blob"])
+def test_chat_at_a_rev_naming_no_commit_is_a_clear_error(tmp_path: Path, what: str):
+    from conftest import isolated_env
+
+    env = {**isolated_env(tmp_path / "env"), "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@example.com",
+           "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@example.com"}  # fmt: skip
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=workspace, env=env, check=True)
+    spec = "HEAD^{tree}" if what == "tree" else "HEAD:.dvc/.gitignore"
+    object_id = subprocess.run(["git", "rev-parse", spec], cwd=workspace, env=env, capture_output=True, text=True,
+                               check=True).stdout.strip()  # fmt: skip
+    result = friction("chat", "--rev", object_id, "Hello?", cwd=workspace, env=env)
+    assert result.returncode == 1, result.stderr
+    assert f"--rev {object_id}: names a git {what}, not a commit" in result.stderr
+    assert "Traceback" not in result.stderr
