@@ -74,7 +74,8 @@ def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: 
     distributed.launch(params.train.gpus)  # train.gpus > 1: restarts this command under torchrun
     from stages.modeling import resolve_backend
 
-    backend = resolve_backend(params.train.backend)  # first: it imports unsloth, which must precede transformers
+    # first: it imports unsloth, which must precede transformers
+    backend = resolve_backend(params.train.backend, params.train.gpus)
     from stages import train as stage
 
     stage.run(params, backend, packed, manifest, adapter, checkpoints, live, metrics)
