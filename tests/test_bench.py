@@ -54,6 +54,7 @@ def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.needs_triton  # trains with TRL
 def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     out = tmp_path / "bench"
     result = run_smoke(out, "--steps", "4")
@@ -107,6 +108,7 @@ def test_a_variant_that_fails_is_reported_and_fails_the_script(tmp_path: Path):
     assert (out / "0.5b-bf16-sdpa/train.log").read_text().endswith("timed out after 1 s")
 
 
+@pytest.mark.needs_triton  # trains with TRL
 def test_a_variant_that_cannot_be_built_leaves_the_others_measured(tmp_path: Path, monkeypatch):
     out, build_base, built = tmp_path / "bench", bench.build_base, []
 

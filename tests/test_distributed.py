@@ -107,6 +107,7 @@ def check_one_run_was_written(workspace: Path, output: str) -> dict:
     return metrics
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_friction_train_with_two_gpus_starts_two_processes_that_hold_the_same_weights(
     two_process_workspace: Path, tmp_path: Path
@@ -176,6 +177,7 @@ def test_the_card_names_the_attention_kernel_and_the_data_parallel_processes(tmp
     assert "| attention | varlen (`model.attn_implementation: auto`) |" in text
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
     two_process_workspace: Path, tmp_path: Path
