@@ -22,6 +22,7 @@ stops a run whose collator sends neither. What each implementation does with the
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -171,6 +172,22 @@ def boundaries_from_position_ids(position_ids: torch.Tensor, batch: int, tokens:
     return cu_seq_lens, int(cu_seq_lens.diff().max())
 
 
+_last_boundaries: tuple[weakref.ref, int, int, tuple[torch.Tensor, int]] | None = None
+
+
+def layer_shared_boundaries(position_ids: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
+    """`boundaries_from_position_ids`, computed once per forward pass: every decoder layer is handed the same
+    `position_ids` tensor, and on a GPU each computation waits for the device twice (nonzero, max)."""
+    global _last_boundaries
+    if _last_boundaries is not None:
+        reference, cached_batch, cached_tokens, boundaries = _last_boundaries
+        if reference() is position_ids and (cached_batch, cached_tokens) == (batch, tokens):
+            return boundaries
+    boundaries = boundaries_from_position_ids(position_ids, batch, tokens)
+    _last_boundaries = (weakref.ref(position_ids), batch, tokens, boundaries)
+    return boundaries
+
+
 def collated_document_lengths(batch: dict[str, Any]) -> list[int] | None:
     """The lengths of the documents a padding-free micro-batch hands the model, one after another over its rows; None
     when it says nothing about them (neither `cu_seq_lens_q` nor `position_ids`)."""
@@ -247,7 +264,7 @@ def varlen_attention(
                 "varlen attention needs the documents' boundaries: cu_seq_lens_q/k (TRL's padding-free collator) or "
                 "position_ids that restart at every document; the model passed neither"
             )
-        cu_seq_lens_q, max_length_q = boundaries_from_position_ids(position_ids, batch, tokens)
+        cu_seq_lens_q, max_length_q = layer_shared_boundaries(position_ids, batch, tokens)
         cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     kernel, dtype = kernel_for(query, module)
     # (tokens, heads, head_dim): the layout transformers' projections already have in memory, so on a CPU these are

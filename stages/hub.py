@@ -20,6 +20,7 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from stages.artifacts import RAW_MANIFEST
 from stages.config import ModelParams, Params, SourceParams
 
+
 def transport_errors() -> tuple[type[Exception], ...]:
     """The network errors huggingface_hub lets through, whichever HTTP client it is built on: httpx2 from 2.0, httpx
     in 1.x (the unsloth set). Both can be installed at once (the unsloth set lowers huggingface-hub over an

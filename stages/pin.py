@@ -29,7 +29,6 @@ from stages.hub import (
 )
 
 
-
 def resolve_on_hub(repo: HubRepo) -> str:
     with hub_errors_explained(repo):
         try:
