@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,31 +184,44 @@ def deep_update(target: dict, changes: dict) -> None:
             target[key] = value
 
 
+def shaped_config(base: Path, shape: dict):
+    """The config of the model in `base` with `shape`'s fields, and every field derived from them derived anew.
+
+    Qwen2Config derives `layer_types` (one entry per layer) from `num_hidden_layers` when it is built; a config whose
+    `num_hidden_layers` is raised after that keeps the tiny model's two entries, and Qwen2Attention then raises
+    IndexError at the third layer.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base)
+    derived = ("layer_types",)
+    return type(config).from_dict({k: v for k, v in config.to_dict().items() if k not in derived} | shape)
+
+
 def build_base(base: Path, shape: dict) -> None:
     """A base of `shape` with random weights and the demo's tiny tokenizer, in `base`; reused when it is there."""
     if base_has_shape(base, shape):
         return
     shutil.rmtree(base, ignore_errors=True)
     corpus = corpus_from_jsonl(sorted((REPO / "data/sources/demo").glob("*.jsonl")))
-    if shape.get("hidden_size", 0) < 2048:  # up to the 0.5B shape: initialised in fp32 on the CPU in seconds
-        build_tiny_model(corpus, base, **shape)
-        return
-    # 7.6B weights: initialised in bf16 on the GPU (seconds, where fp32 on the CPU takes minutes and 30 GB), then
-    # saved beside the tiny model's tokenizer in place of its weights.
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     build_tiny_model(corpus, base)
-    config = AutoConfig.from_pretrained(base)
-    for key, value in shape.items():
-        setattr(config, key, value)
+    if not shape:  # --smoke: the tiny model itself
+        return
+    from transformers import AutoModelForCausalLM
+
+    config = shaped_config(base, shape)
+    # Up to the 0.5B shape: initialised in fp32 on the CPU in seconds. 7.6B weights: in bf16 on the GPU (seconds,
+    # where fp32 on the CPU takes minutes and 30 GB). Saved beside the tiny model's tokenizer in place of its weights.
+    device, dtype = ("cuda", torch.bfloat16) if config.hidden_size >= 2048 else ("cpu", torch.float32)
     for weights in base.glob("model*.safetensors*"):
         weights.unlink()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(base)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def why_not_here(variant: Variant) -> str | None:
@@ -298,6 +312,40 @@ def table(results: list[dict], peak_tflops: float) -> str:
     return "\n".join(lines) + "\n\n" + notes
 
 
+def measure(
+    chosen: Variant, shape_steps: int, smoke: bool, length: int, rows_per_step: int, out: Path,
+    prepared: dict[str, tuple[Path, Path, dict, float]], timeout: int, peak_tflops: float, ceiling: float | None,
+) -> dict:  # fmt: skip
+    """Train `chosen` for `shape_steps` steps (its base and rows built on first use of its shape, kept in `prepared`)
+    and add MFU to what train.json says."""
+    name, shape_name = chosen.name, chosen.shape
+    if shape_name not in prepared:
+        base, packed = out / f"base-{shape_name}", out / f"packed-{shape_name}"
+        build_base(base, {} if smoke else SHAPES[shape_name])  # smoke: the tiny demo model for every shape
+        config = json.loads((base / "config.json").read_text())
+        rng = np.random.default_rng(0)
+        packed.mkdir(parents=True, exist_ok=True)
+        for split, rows in (("train", shape_steps * rows_per_step), ("validation", rows_per_step)):
+            pq.write_table(packed_rows(rows, length, rng, config["vocab_size"]), packed / f"{split}.parquet")
+        prepared[shape_name] = (base, packed, config, attended_tokens_per_token(packed / "train.parquet"))
+    base, packed, config, attended = prepared[shape_name]
+    schedule = {"train": {"max_steps": shape_steps, "eval_steps": shape_steps, "logging_steps": 1}}
+    click.echo(f"{name}: training {shape_steps} steps of {rows_per_step} rows x {length} tokens")
+    changes = [chosen.changes, SMOKE if smoke else {}, schedule]
+    result = run_variant(name, changes, out, base, packed, timeout) | {"shape": shape_name}
+    if "train" in result:
+        flops = model_flops_per_token(config, result["train"]["trainable_parameters"], attended)
+        on_gpu = not result["train"]["device"].startswith("cpu")
+        gpus_peak = peak_tflops * 1e12 * result["train"]["processes"]
+        result |= {
+            "base": {key: config[key] for key in FLOPS_KEYS},
+            "flops_per_token": flops,
+            "mfu": result["train"]["steady_tokens_per_s"] * flops / gpus_peak if on_gpu else None,
+            "matmul_tflops": ceiling,
+        }
+    return result
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", type=click.Path(path_type=Path), default="build/bench", show_default=True)
 @click.option("--suite", type=click.Choice(list(SUITES)), default="attention", show_default=True)
@@ -329,36 +377,21 @@ def main(
             click.echo(f"{name}: skipped, {reason}")
             result = {"variant": name, "shape": shape_name, "skipped": reason}
         else:
-            shape_steps = steps or STEPS[shape_name]
-            if shape_name not in prepared:
-                base, packed = out / f"base-{shape_name}", out / f"packed-{shape_name}"
-                build_base(base, {} if smoke else SHAPES[shape_name])  # smoke: the tiny demo model for every shape
-                config = json.loads((base / "config.json").read_text())
-                rng = np.random.default_rng(0)
-                packed.mkdir(parents=True, exist_ok=True)
-                for split, rows in (("train", shape_steps * rows_per_step), ("validation", rows_per_step)):
-                    pq.write_table(packed_rows(rows, length, rng, config["vocab_size"]), packed / f"{split}.parquet")
-                prepared[shape_name] = (base, packed, config, attended_tokens_per_token(packed / "train.parquet"))
-            base, packed, config, attended = prepared[shape_name]
-            schedule = {"train": {"max_steps": shape_steps, "eval_steps": shape_steps, "logging_steps": 1}}
-            click.echo(f"{name}: training {shape_steps} steps of {rows_per_step} rows x {length} tokens")
-            changes = [chosen_variant.changes, SMOKE if smoke else {}, schedule]
-            result = run_variant(name, changes, out, base, packed, timeout) | {"shape": shape_name}
-            if "train" in result:
-                flops = model_flops_per_token(config, result["train"]["trainable_parameters"], attended)
-                on_gpu = not result["train"]["device"].startswith("cpu")
-                gpus_peak = peak_tflops * 1e12 * result["train"]["processes"]
-                result |= {
-                    "base": {key: config[key] for key in FLOPS_KEYS},
-                    "flops_per_token": flops,
-                    "mfu": result["train"]["steady_tokens_per_s"] * flops / gpus_peak if on_gpu else None,
-                    "matmul_tflops": ceiling,
-                }
+            try:
+                result = measure(chosen_variant, steps or STEPS[shape_name], smoke, length, rows_per_step, out,
+                                 prepared, timeout, peak_tflops, ceiling)  # fmt: skip
+            except Exception:  # noqa: BLE001 - one variant that cannot be built or run must not cost the others
+                error = traceback.format_exc()
+                (out / name).mkdir(parents=True, exist_ok=True)
+                (out / name / "train.log").write_text(error)
+                result = {"variant": name, "shape": shape_name, "error": error[-3000:]}
             click.echo(result.get("error", "")[-1500:])
         results.append(result)
         with (out / "results.jsonl").open("a") as log:
             log.write(json.dumps(result) + "\n")
-    click.echo(table(results, peak_tflops))
+    summary = table(results, peak_tflops)
+    (out / "results.md").write_text(summary + "\n")
+    click.echo(summary)
     if any("error" in result for result in results):
         sys.exit(1)
 

@@ -1,11 +1,15 @@
 """Which attention kernel trains on the packed rows (`model.attn_implementation`), and the varlen kernels for it.
 
 What each value does with packed rows, where it runs and what `auto` picks: docs/training.md#attention-for-packed-rows.
+Packed rows whose collator sends no `cu_seq_lens` (TRL 1.15 of the unsloth set) get their document boundaries from
+the `position_ids` that restart at each document (`boundaries_from_position_ids`), so no kernel sees a packed row as
+one document; `check_collated_documents` stops a run whose collator sends neither.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -139,6 +143,68 @@ def per_document_attention(
     return torch.cat([output.transpose(0, 1) for output in outputs])  # (tokens, heads, head_dim) again
 
 
+def boundaries_from_position_ids(position_ids: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
+    """(cu_seq_lens, longest document) of `batch` rows of `tokens` tokens, from their position ids.
+
+    A document begins at every row's first token and wherever a position id is not the one before plus one: the rule
+    by which transformers' masking code finds packed documents for sdpa's block-diagonal mask and flex_attention's
+    BlockMask (`find_packed_sequence_indices`), so every kernel sees the same documents. `position_ids` is (batch,
+    tokens) or (1, tokens), as transformers makes it for a batch given without.
+    """
+    positions = position_ids.expand(batch, tokens)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    begin = starts.reshape(-1).nonzero().flatten()
+    cu_seq_lens = torch.cat([begin, begin.new_tensor([batch * tokens])]).to(torch.int32)
+    return cu_seq_lens, int(cu_seq_lens.diff().max())
+
+
+_last_boundaries: tuple[weakref.ref, int, int, tuple[torch.Tensor, int]] | None = None
+
+
+def layer_shared_boundaries(position_ids: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
+    """`boundaries_from_position_ids`, computed once per forward pass: every decoder layer is handed the same
+    `position_ids` tensor, and on a GPU each computation waits for the device twice (nonzero, max)."""
+    global _last_boundaries
+    if _last_boundaries is not None:
+        reference, cached_batch, cached_tokens, boundaries = _last_boundaries
+        if reference() is position_ids and (cached_batch, cached_tokens) == (batch, tokens):
+            return boundaries
+    boundaries = boundaries_from_position_ids(position_ids, batch, tokens)
+    _last_boundaries = (weakref.ref(position_ids), batch, tokens, boundaries)
+    return boundaries
+
+
+def collated_document_lengths(batch: dict[str, Any]) -> list[int] | None:
+    """The lengths of the documents a padding-free micro-batch hands the model, one after another over its rows; None
+    when it says nothing about them (neither `cu_seq_lens_q` nor `position_ids`)."""
+    if batch.get("cu_seq_lens_q") is not None:
+        return torch.as_tensor(batch["cu_seq_lens_q"]).diff().tolist()
+    if batch.get("position_ids") is None:
+        return None
+    position_ids = torch.as_tensor(batch["position_ids"])
+    cu_seq_lens, _ = boundaries_from_position_ids(position_ids, *position_ids.shape)
+    return cu_seq_lens.diff().tolist()
+
+
+def check_collated_documents(collator: Callable[[list[dict]], dict], rows: list[dict[str, Any]], backend: str) -> None:
+    """Stop before training unless `collator` hands the model the boundaries of the documents packed in `rows` (their
+    `seq_lengths`, as pack wrote them): without them the documents of a row would attend to each other, silently."""
+    expected = [length for row in rows for length in row["seq_lengths"]]
+    found = collated_document_lengths(collator(rows))
+    if found is None:
+        raise click.ClickException(
+            f"train: the {backend} backend's collator sends neither cu_seq_lens_q/k nor position_ids, so the "
+            "documents packed in a row would attend to each other; train with padding-free batches (TRL's "
+            "DataCollatorForLanguageModeling with padding_free=True)"
+        )
+    if found != expected:
+        raise click.ClickException(
+            f"train: the {backend} backend's collator marks documents of lengths {found[:8]} in the first packed "
+            f"rows, where pack wrote {expected[:8]}: the documents would attend to each other"
+        )
+
+
 def kernel_for(query: torch.Tensor, module: torch.nn.Module) -> tuple[VarlenKernel, torch.dtype]:
     """The varlen kernel for the device the attention runs on, and the dtype it computes in."""
     if query.device.type != "cuda":
@@ -167,8 +233,9 @@ def varlen_attention(
     """transformers' attention function for `varlen`: the packed documents, each attending to itself, through the
     kernel of `kernel_for`.
 
-    The documents' boundaries are the `cu_seq_lens_q/k` that TRL's padding-free collator sends; without them (plain
-    batches), every row is one document.
+    The documents' boundaries are the `cu_seq_lens_q/k` that TRL 1.16's padding-free collator sends; without them
+    (TRL 1.15's collator, plain batches) they are read from the `position_ids` every decoder layer hands over: a plain
+    row counts up from its first token and is one document.
     """
     if attention_mask is not None:
         # flash_attention_mask hands over a 2-D mask only when a row holds padding: the varlen kernels have no use
@@ -178,9 +245,14 @@ def varlen_attention(
         raise ValueError("varlen attention supports neither sliding windows nor attention dropout")
     batch, _, tokens, head_dim = query.shape
     if cu_seq_lens_q is None:
-        cu_seq_lens_q = cu_seq_lens_k = torch.arange(0, (batch + 1) * tokens, tokens, device=query.device,
-                                                     dtype=torch.int32)  # fmt: skip
-        max_length_q = max_length_k = tokens
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # a row could hold several documents, and nothing would say where they begin
+            raise ValueError(
+                "varlen attention needs the documents' boundaries: cu_seq_lens_q/k (TRL's padding-free collator) or "
+                "position_ids that restart at every document; the model passed neither"
+            )
+        cu_seq_lens_q, max_length_q = layer_shared_boundaries(position_ids, batch, tokens)
+        cu_seq_lens_k, max_length_k = cu_seq_lens_q, max_length_q
     kernel, dtype = kernel_for(query, module)
     # (tokens, heads, head_dim): the layout transformers' projections already have in memory, so on a CPU these are
     # views (a copy only where the CUDA kernel needs a cast)

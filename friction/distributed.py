@@ -39,6 +39,34 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def one_gpu_visible(visible: str | None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES that leaves a single-process run one GPU, given the one it was started with (None:
+    unset, every GPU visible); None when it needs no change (one device, or none, visible already).
+
+    One process with several GPUs visible is not one GPU to transformers: its Trainer counts every visible GPU
+    (`n_gpu`) and wraps the model in nn.DataParallel, which TRL's SFTTrainer refuses; a 4-bit base on `{"": 0}` does
+    not count as split across devices. The first visible device, alone, is the one the process would have used as
+    cuda:0.
+    """
+    if visible is None:
+        return "0"
+    devices = [device.strip() for device in visible.split(",") if device.strip()]
+    return devices[0] if len(devices) > 1 else None
+
+
+def restrict_to_one_gpu() -> str | None:
+    """Make a single-process run see one GPU (`one_gpu_visible`), before anything in this process initialises CUDA,
+    which reads CUDA_VISIBLE_DEVICES once. Returns the value it was before when it changed it, else None."""
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    alone = one_gpu_visible(before)
+    if alone is None:
+        return None
+    if torch.cuda.is_initialized():  # too late: the device list is fixed for this process
+        raise click.ClickException("internal: CUDA was initialised before the train stage chose its GPU")
+    os.environ["CUDA_VISIBLE_DEVICES"] = alone
+    return before if before is not None else "unset"
+
+
 def torchrun_command(processes: int, argv: list[str], module: str | None = None) -> list[str]:
     """The command that runs this program (`argv`, as sys.argv holds it) in `processes` processes on this machine;
     `module` is the package it was started from with `python -m` (`stages`), whose path argv[0] then holds."""
@@ -63,6 +91,12 @@ def launch(gpus: int) -> None:
     """Restart this program in `gpus` processes with torchrun, unless this process is one of them already (or `gpus`
     is 1). Replaces this process (its exit status becomes torchrun's); returns only in a process that is to train."""
     launched = world_size()
+    if "LOCAL_RANK" not in os.environ and gpus == 1:
+        before = restrict_to_one_gpu()  # first: any CUDA call below would fix the list of visible devices
+        if before is not None and torch.cuda.is_available():
+            click.echo(f"train: train.gpus is 1: one process on one GPU, CUDA_VISIBLE_DEVICES="
+                       f"{os.environ['CUDA_VISIBLE_DEVICES']} ({torch.cuda.get_device_name(0)}; "
+                       f"CUDA_VISIBLE_DEVICES was {before})")  # fmt: skip
     if fsdp_requested() and not torch.cuda.is_available():
         raise click.ClickException("FSDP (accelerate launch with an FSDP config) shards the model over CUDA GPUs, "
                                    "and none is visible; on a CPU, train.gpus > 1 runs DDP over gloo")  # fmt: skip
@@ -130,4 +164,7 @@ def is_main_process() -> bool:
 def describe() -> dict[str, Any]:
     """How the run was spread, for metrics/train.json."""
     parallelism = "fsdp" if fsdp_requested() else "ddp" if world_size() > 1 else "none"
-    return {"processes": world_size(), "parallelism": parallelism}
+    described: dict[str, Any] = {"processes": world_size(), "parallelism": parallelism}
+    if torch.cuda.is_available():  # which GPUs the run saw (one alone for train.gpus: 1)
+        described["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return described

@@ -6,6 +6,7 @@ Each repo knows its params.yaml keys, so every message about it names the key to
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import re
 from collections.abc import Iterator
@@ -18,6 +19,22 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 
 from friction.artifacts import RAW_MANIFEST
 from friction.config import ModelParams, Params, SourceParams
+
+
+def transport_errors() -> tuple[type[Exception], ...]:
+    """The network errors huggingface_hub lets through, whichever HTTP client it is built on: httpx2 from 2.0, httpx
+    in 1.x (the unsloth set). Both can be installed at once (the unsloth set lowers huggingface-hub over an
+    environment that had 2.x), so each one present is caught, not the first that imports."""
+    errors = []
+    for client in ("httpx2", "httpx"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except ImportError:
+            continue
+    return tuple(errors)
+
+
+TRANSPORT_ERRORS = transport_errors()
 
 TOKEN_REMEDY = (
     "give a token that can read it: the HF_TOKEN environment variable, or `hf auth login` "

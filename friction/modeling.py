@@ -44,12 +44,21 @@ def device_name() -> str:
     return f"cpu ({platform.machine()})"
 
 
-def resolve_backend(requested: str) -> str:
-    """The backend that trains for `train.backend` = `requested` (auto, unsloth or hf): "unsloth" or "hf".
+def resolve_backend(requested: str, processes: int = 1) -> str:
+    """The backend that trains for `train.backend` = `requested` (auto, unsloth or hf) in `processes` data-parallel
+    processes (train.gpus): "unsloth" or "hf".
 
-    Imports unsloth when the answer is unsloth, so call it before anything imports transformers, trl or peft.
+    unsloth trains in one process only (it refuses data-parallel and FSDP runs), so auto is hf for several, and says
+    why. Imports unsloth when the answer is unsloth, so call it before anything imports transformers, trl or peft.
     """
     if requested == "hf":
+        return "hf"
+    parallel = single_process_problem(processes)
+    if parallel is not None:
+        if requested == "unsloth":
+            raise click.ClickException(f"train.backend: unsloth trains in one process, but {parallel}; set "
+                                       "train.backend: hf (or auto), or train.gpus: 1 for unsloth")  # fmt: skip
+        click.echo(f"train: train.backend auto uses hf: unsloth trains in one process, and {parallel}")
         return "hf"
     if not torch.cuda.is_available():
         if requested == "unsloth":
@@ -65,6 +74,15 @@ def resolve_backend(requested: str) -> str:
         raise click.ClickException(f"train.backend: unsloth, but {problem}; {UNSLOTH_REMEDY}")
     click.echo(f"train: train.backend auto uses hf: {problem}")
     return "hf"
+
+
+def single_process_problem(processes: int) -> str | None:
+    """Why this run is not one process on one device; None when it is."""
+    if processes > 1:
+        return f"train.gpus is {processes} (data parallel)"
+    if distributed.fsdp_requested():
+        return "the launcher asks for FSDP"
+    return None
 
 
 def unsloth_problem() -> str | None:
@@ -145,6 +163,29 @@ def quantized_placement() -> dict[str, Any]:
     return {"quantization_config": config, "device_map": {"": distributed.local_rank()}}
 
 
+def fsdp_storage_problem(stored_quantization: Any) -> str | None:
+    """Why FSDP cannot shard a base whose checkpoint is stored quantized (`quantization_config` of its config.json,
+    None for a bf16 checkpoint); None when it can.
+
+    from_pretrained keeps a stored checkpoint's own quantization config and ignores the one `quantized_placement`
+    passes (transformers warns, then uses the model's): the card's base, stored in 4 bit by unsloth, keeps its packed
+    weights in uint8, which FSDP cannot flatten beside the bf16 ones of the rest of the model.
+    """
+    if stored_quantization is None:
+        return None
+    stored = stored_quantization if isinstance(stored_quantization, dict) else stored_quantization.to_dict()
+    method, storage = stored.get("quant_method"), stored.get("bnb_4bit_quant_storage", "uint8")
+    if method == "bitsandbytes" and stored.get("load_in_4bit") and storage == "bfloat16":
+        return None  # stored as FSDP needs it
+    what = f"4-bit weights packed in {storage}" if stored.get("load_in_4bit") else f"{method} quantization"
+    return (
+        f"is stored quantized ({what}), and loading keeps a stored checkpoint's own quantization, so FSDP cannot "
+        "shard it beside the bf16 weights. Under FSDP use a base stored in bf16 (for the card, "
+        "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B) with model.load_in_4bit: true, which quantizes it with bf16 "
+        "storage; or train data-parallel with DDP (train.gpus > 1, no FSDP config), which loads it as it is"
+    )
+
+
 def attention_for(params: Params, backend: str) -> str | None:
     """The attn_implementation the training model loads with (friction/attention.py); None leaves it to unsloth."""
     if backend == "unsloth":
@@ -173,9 +214,9 @@ def unsloth_model_with_adapter(params: Params, manifest_path: Path):
     from friction.tokens import map_end_of_turn
 
     attention_for(params, "unsloth")
-    if distributed.world_size() > 1:
-        raise click.ClickException("data-parallel training (train.gpus > 1) is set up for the hf backend only; "
-                                   "set train.backend: hf, or train.gpus: 1 for unsloth")  # fmt: skip
+    problem = single_process_problem(distributed.world_size())
+    if problem is not None:  # resolve_backend never picks unsloth here; a direct call must not train wrongly either
+        raise click.ClickException(f"the unsloth backend trains in one process, but {problem}; set train.backend: hf")
     location, revision = base_model_reference(manifest_path)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=location,

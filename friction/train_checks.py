@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
+from friction import distributed, modeling
 from friction.artifacts import base_model_reference
 from friction.config import Params
 from friction.schemas import PACKED_SCHEMA, read_parquet
@@ -26,7 +27,12 @@ def check_before_training(params: Params, packed_dir: Path, manifest_path: Path)
     for split in ("train", "validation"):
         check_packed(packed_dir / f"{split}.parquet")
     location, revision = base_model_reference(manifest_path)
-    check_target_modules(params.lora.target_modules, base_module_names(location, revision), location)
+    config = base_config(location, revision)
+    check_target_modules(params.lora.target_modules, base_module_names(config, location), location)
+    if distributed.fsdp_requested():
+        problem = modeling.fsdp_storage_problem(getattr(config, "quantization_config", None))
+        if problem is not None:
+            raise click.ClickException(f"model.base: {location} {problem}")
 
 
 def check_trainer_names(params: Params) -> None:
@@ -47,12 +53,15 @@ def check_packed(path: Path) -> None:
         raise click.ClickException(f"{path}: no column {missing[0]!r}; rerun pack")
 
 
-def base_module_names(location: str, revision: str | None) -> set[str]:
-    """Every module name of the base model's architecture, built on the meta device from its config alone."""
+def base_config(location: str, revision: str | None):
     try:
-        config = AutoConfig.from_pretrained(location, revision=revision)
+        return AutoConfig.from_pretrained(location, revision=revision)
     except (OSError, ValueError) as error:
         raise click.ClickException(f"{location}: cannot read the base model's config ({error}); rerun fetch") from None
+
+
+def base_module_names(config, location: str) -> set[str]:
+    """Every module name of the base model's architecture, built on the meta device from its config alone."""
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)

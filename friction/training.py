@@ -31,7 +31,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
-from friction import distributed
+from friction import attention, distributed
 from friction.artifacts import atomic_output, base_model_reference, sha256_file, write_json
 from friction.chatml import CHAT_TEMPLATE
 from friction.config import Params
@@ -267,6 +267,9 @@ def build_trainer(params: Params, backend: str, model, tokenizer, packed_dir: Pa
         ],
     )
     require_padding_free(trainer.args, backend)
+    # What the trainer's own collator makes of the first rows: their documents must reach attention apart.
+    first_rows = [train_rows[index] for index in range(min(2, len(train_rows)))]
+    attention.check_collated_documents(trainer.data_collator, first_rows, backend)
     return trainer
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub import is_offline_mode, snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from friction import environment
 from friction.artifacts import atomic_output, read_json, sha256_file, write_json
@@ -34,8 +34,11 @@ def hub_snapshot(repo: HubRepo, **kwargs: Any) -> Path:
     """Download (or find in the cache) the requested revision; its folder is named after the commit."""
     with hub_errors_explained(repo):
         try:
-            snapshot = Path(snapshot_download(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type, **kwargs))
-        except LocalEntryNotFoundError:
+            # Offline, the cache alone: huggingface-hub 1.x (the unsloth set), given a commit and no
+            # local_files_only, asks the Hub for the commit's file list even with HF_HUB_OFFLINE set, and fails.
+            snapshot = Path(snapshot_download(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type,
+                                              local_files_only=is_offline_mode(), **kwargs))  # fmt: skip
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled):
             raise click.ClickException(
                 f"{repo.described} is not in the local Hugging Face cache and the Hub cannot be reached "
                 "(HF_HUB_OFFLINE is set or the network is down)"

@@ -28,7 +28,7 @@ def main(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: P
     params = load_params()
     distributed.launch(params.train.gpus)  # train.gpus > 1: restarts this command under torchrun
     recorded = environment.record("train")  # warns before the work when the environment is not the lock's
-    backend = resolve_backend(params.train.backend)
+    backend = resolve_backend(params.train.backend, params.train.gpus)  # imports unsloth before transformers
     from friction import training
 
     training.run(params, backend, packed, manifest, adapter, checkpoints, live, metrics)

@@ -36,8 +36,13 @@ def tiny_model():
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
-def packed_batch() -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """A padding-free micro-batch made by TRL's own collator, and its documents one by one (ids, labels)."""
+BOUNDARIES = ["cu_seq_lens", "position_ids"]
+"""What a padding-free micro-batch tells the model about its documents: TRL 1.16's collator sends cu_seq_lens_q/k
+(and position_ids); TRL 1.15's, of the unsloth set, position_ids alone. Both are checked under either TRL."""
+
+
+def packed_rows() -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Packed rows as pack writes them (input_ids, labels, seq_lengths), and their documents one by one."""
     generator = torch.Generator().manual_seed(1)
     rows, documents = [], []
     for lengths in DOCUMENT_LENGTHS:
@@ -49,7 +54,21 @@ def packed_batch() -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor]]]:
             documents.append((ids[start : start + length], labels[start : start + length]))
             start += length
         rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "seq_lengths": lengths})
+    return rows, documents
+
+
+def packed_batch(boundaries: str = "cu_seq_lens") -> tuple[dict, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A padding-free micro-batch made by TRL's own collator, with the `boundaries` it sends (BOUNDARIES), and its
+    documents one by one (ids, labels)."""
+    rows, documents = packed_rows()
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    varlen_keys = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+    batch = {key: value for key, value in batch.items() if key not in varlen_keys}  # what TRL 1.15 sends
+    if boundaries == "cu_seq_lens":  # what TRL 1.16 adds, written here from the lengths pack wrote
+        lengths = [length for row in DOCUMENT_LENGTHS for length in row]
+        cu_seq_lens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        batch |= {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                  "max_length_q": max(lengths), "max_length_k": max(lengths)}  # fmt: skip
     return batch, documents
 
 
@@ -72,11 +91,53 @@ def separate_documents_loss_and_gradients(model, documents) -> tuple[torch.Tenso
     return total.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_the_collator_hands_document_boundaries_to_the_model():
-    batch, _ = packed_batch()
-    assert batch["input_ids"].shape == (1, 38)  # both rows in one sequence
-    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 14, 15, 18, 25, 27, 33, 37, 38]
-    assert batch["max_length_q"] == 9 and "attention_mask" not in batch
+def test_the_installed_collator_hands_document_boundaries_to_the_model():
+    """TRL's own collator, as installed (1.16: cu_seq_lens and position_ids; 1.15: position_ids alone)."""
+    rows, _ = packed_rows()
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    assert batch["input_ids"].shape == (1, 38) and "attention_mask" not in batch  # both rows in one sequence
+    assert attention.collated_document_lengths(batch) == [5, 9, 1, 3, 7, 2, 6, 4, 1]
+    attention.check_collated_documents(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), rows, "hf")
+
+
+@pytest.mark.parametrize("boundaries", BOUNDARIES)
+def test_both_kinds_of_boundaries_name_the_same_documents(boundaries):
+    batch, _ = packed_batch(boundaries)
+    assert attention.collated_document_lengths(batch) == [5, 9, 1, 3, 7, 2, 6, 4, 1]
+
+
+def test_a_collator_that_sends_no_boundaries_stops_the_run():
+    """TRL's collator without padding_free pads the rows and sends an attention mask of ones: no documents."""
+    rows, _ = packed_rows()
+    with pytest.raises(click.ClickException, match="sends neither cu_seq_lens_q/k nor position_ids"):
+        attention.check_collated_documents(DataCollatorForLanguageModeling(pad_token_id=0), rows, "hf")
+
+
+def test_a_collator_whose_boundaries_differ_from_the_packed_rows_stops_the_run():
+    rows, _ = packed_rows()
+    one_document_per_row = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    unpacked = [{key: value for key, value in row.items() if key != "seq_lengths"} for row in rows]
+    with pytest.raises(click.ClickException, match=r"lengths \[18, 20\].*pack wrote \[5, 9, 1, 3, 7, 2, 6, 4\]"):
+        attention.check_collated_documents(lambda _: one_document_per_row(unpacked), rows, "hf")
+
+
+def test_boundaries_from_position_ids_follow_transformers_packed_sequence_rule():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+    cu_seq_lens, longest = attention.boundaries_from_position_ids(position_ids, 2, 10)
+    assert cu_seq_lens.tolist() == [0, 3, 5, 6, 10, 17, 20] and cu_seq_lens.dtype == torch.int32 and longest == 7
+    documents = find_packed_sequence_indices(position_ids)  # transformers' own: a document index per token
+    expected = [int(n) for row in documents for n in torch.unique_consecutive(row, return_counts=True)[1]]
+    assert cu_seq_lens.diff().tolist() == expected
+    # (1, tokens), as transformers makes position ids for a batch given without them: one document per row
+    assert attention.boundaries_from_position_ids(torch.arange(6)[None], 3, 6)[0].tolist() == [0, 6, 12, 18]
+
+
+def test_varlen_without_any_boundaries_refuses_to_guess(tiny_model, varlen):
+    query = torch.zeros(1, 4, 6, 16)
+    with pytest.raises(ValueError, match="needs the documents' boundaries.*passed neither"):
+        attention.varlen_attention(tiny_model.model.layers[0].self_attn, query, query[:, :2], query[:, :2], None)
 
 
 def assert_same_loss_and_gradients(actual, expected) -> None:
@@ -86,21 +147,24 @@ def assert_same_loss_and_gradients(actual, expected) -> None:
         torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_varlen_gives_each_documents_own_loss_and_gradients(tiny_model, varlen):
-    batch, documents = packed_batch()
+@pytest.mark.parametrize("boundaries", BOUNDARIES)
+def test_varlen_gives_each_documents_own_loss_and_gradients(tiny_model, varlen, boundaries):
+    batch, documents = packed_batch(boundaries)
     assert_same_loss_and_gradients(loss_and_gradients(tiny_model, varlen, batch),
                                    separate_documents_loss_and_gradients(tiny_model, documents))  # fmt: skip
 
 
-def test_varlen_trains_as_sdpa_with_its_dense_mask_does(tiny_model, varlen):
-    batch, _ = packed_batch()
+@pytest.mark.parametrize("boundaries", BOUNDARIES)
+def test_varlen_trains_as_sdpa_with_its_dense_mask_does(tiny_model, varlen, boundaries):
+    batch, _ = packed_batch(boundaries)
     assert_same_loss_and_gradients(loss_and_gradients(tiny_model, varlen, batch),
                                    loss_and_gradients(tiny_model, "sdpa", batch))  # fmt: skip
 
 
-def test_varlen_logits_of_every_token_are_its_documents_alone(tiny_model, varlen):
+@pytest.mark.parametrize("boundaries", BOUNDARIES)
+def test_varlen_logits_of_every_token_are_its_documents_alone(tiny_model, varlen, boundaries):
     """Logits, not the loss: the lone-token documents train on no label, but each still gets its own attention."""
-    batch, documents = packed_batch()
+    batch, documents = packed_batch(boundaries)
     with torch.no_grad():
         tiny_model.set_attn_implementation(varlen)
         packed = tiny_model(**batch, use_cache=False).logits[0]
@@ -182,8 +246,9 @@ def masks_built(monkeypatch, model, implementation: str, batch: dict) -> list:
     return built
 
 
-def test_varlen_builds_no_mask_where_sdpa_builds_a_dense_one(tiny_model, varlen, monkeypatch):
-    batch, _ = packed_batch()
+@pytest.mark.parametrize("boundaries", BOUNDARIES)
+def test_varlen_builds_no_mask_where_sdpa_builds_a_dense_one(tiny_model, varlen, monkeypatch, boundaries):
+    batch, _ = packed_batch(boundaries)
     assert masks_built(monkeypatch, tiny_model, varlen, batch) == [None]
     (dense,) = masks_built(monkeypatch, tiny_model, "sdpa", batch)
     assert dense.shape == (1, 1, 38, 38)  # every score of the micro-batch, most of them masked
@@ -191,8 +256,9 @@ def test_varlen_builds_no_mask_where_sdpa_builds_a_dense_one(tiny_model, varlen,
 
 
 @pytest.mark.e2e  # flex_attention compiles its kernel on first use (about 30 s on this CPU)
-def test_flex_attention_forward_equals_each_document_alone(tiny_model, monkeypatch):
-    batch, documents = packed_batch()
+@pytest.mark.parametrize("boundaries", BOUNDARIES)
+def test_flex_attention_forward_equals_each_document_alone(tiny_model, monkeypatch, boundaries):
+    batch, documents = packed_batch(boundaries)
     (block_mask,) = masks_built(monkeypatch, tiny_model, "flex_attention", batch)
     assert type(block_mask).__name__ == "BlockMask"  # blocks, not a dense tensor of scores
     with torch.no_grad():

@@ -189,3 +189,27 @@ def test_the_backend_is_chosen_before_anything_imports_transformers():
     code = f"import sys, friction.cli, friction.modeling; print([m for m in {libraries} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_auto_with_several_gpus_is_hf_and_says_why_even_where_unsloth_imports(cuda, monkeypatch, capsys):
+    cuda(True)
+    install_fake_unsloth(monkeypatch)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert modeling.resolve_backend("auto", processes=4) == "hf"
+    assert "auto uses hf: unsloth trains in one process, and train.gpus is 4 (data parallel)" in capsys.readouterr().out
+    assert modeling.resolve_backend("auto", processes=1) == "unsloth"  # one GPU: unsloth as before
+
+
+def test_auto_under_fsdp_is_hf(cuda, monkeypatch, capsys):
+    cuda(True)
+    install_fake_unsloth(monkeypatch)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert modeling.resolve_backend("auto") == "hf"
+    assert "the launcher asks for FSDP" in capsys.readouterr().out
+
+
+def test_unsloth_asked_for_several_gpus_is_refused_before_it_is_imported(cuda, unsloth_absent, monkeypatch):
+    cuda(True)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with pytest.raises(click.ClickException, match="unsloth trains in one process, but train.gpus is 2.*train.gpus: 1"):
+        modeling.resolve_backend("unsloth", processes=2)

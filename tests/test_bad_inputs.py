@@ -166,6 +166,7 @@ def test_dirty_rows_are_dropped_and_counted_with_their_lines(workspace: Path) ->
     assert (report["rows_in"], report["kept"]) == (6, 3)
 
 
+@pytest.mark.needs_triton  # trains with TRL
 def test_a_nan_loss_stops_training_and_keeps_no_adapter(workspace: Path) -> None:
     change_params(workspace, {"train.learning_rate": 1.0e30, "train.max_steps": 4, "train.logging_steps": 1})
     adapter = snapshot(workspace)

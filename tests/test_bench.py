@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
 
 from bench import train_throughput as bench
 from conftest import REPO
@@ -53,6 +54,7 @@ def run_smoke(out: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.needs_triton  # trains with TRL
 def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     out = tmp_path / "bench"
     result = run_smoke(out, "--steps", "4")
@@ -79,10 +81,12 @@ def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
     ("shape", "parameters"),
     [("0.5b", 494_032_768), ("7b", 7_615_616_512)],  # Qwen2.5-0.5B's and DeepSeek-R1-Distill-Qwen-7B's counts
 )
-def test_the_benchmark_bases_have_the_published_sizes(shape, parameters):
-    config = {"tie_word_embeddings": True} | bench.SHAPES[shape]
+def test_the_script_builds_each_shape_it_names(shape, parameters, tiny_model_dir):
+    """The config the script builds a base from (the tiny base's, reshaped), built on the meta device."""
+    config = bench.shaped_config(tiny_model_dir, bench.SHAPES[shape])
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(Qwen2Config(**config))
+        model = AutoModelForCausalLM.from_config(config)  # Qwen2Attention reads layer_types[layer_idx]
+    assert len(config.layer_types) == config.num_hidden_layers == len(model.model.layers)
     assert model.num_parameters() == parameters
 
 
@@ -102,3 +106,27 @@ def test_a_variant_that_fails_is_reported_and_fails_the_script(tmp_path: Path):
     assert result.returncode == 1
     assert "| 0.5b-bf16-sdpa | failed: see 0.5b-bf16-sdpa/train.log |" in result.stdout
     assert (out / "0.5b-bf16-sdpa/train.log").read_text().endswith("timed out after 1 s")
+
+
+@pytest.mark.needs_triton  # trains with TRL
+def test_a_variant_that_cannot_be_built_leaves_the_others_measured(tmp_path: Path, monkeypatch):
+    out, build_base, built = tmp_path / "bench", bench.build_base, []
+
+    def build_base_failing_first(base: Path, shape: dict) -> None:
+        built.append(base)
+        if len(built) == 1:  # as the 7B shape's base failed before its layer_types was derived anew
+            raise IndexError("list index out of range")
+        build_base(base, shape)
+
+    monkeypatch.setattr(bench, "build_base", build_base_failing_first)
+    variants = ["--variant", "0.5b-bf16-sdpa", "--variant", "0.5b-bf16-varlen"]
+    result = CliRunner().invoke(bench.main, ["--smoke", "--out", str(out), "--steps", "2", *variants])
+
+    assert result.exit_code == 1, result.output
+    rows = {row["variant"]: row for row in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert "IndexError: list index out of range" in rows["0.5b-bf16-sdpa"]["error"]
+    assert "IndexError" in (out / "0.5b-bf16-sdpa/train.log").read_text()
+    assert rows["0.5b-bf16-varlen"]["train"]["steps"] == 2
+    written = (out / "results.md").read_text()
+    assert "| 0.5b-bf16-sdpa | failed: see 0.5b-bf16-sdpa/train.log |" in written
+    assert "| 0.5b-bf16-varlen | varlen | 1 |" in written

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO
 from friction import distributed, modeling
+from friction.config import load_params
 from friction.pipeline import stage_argv
 
 TRAIN = stage_argv("train", REPO / "dvc.yaml")  # `python -m stages train` with its paths, as DVC runs it
@@ -85,7 +86,7 @@ def two_process_workspace(demo_workspace) -> Path:
 
 def environment() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's friction
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
 
 
@@ -108,6 +109,7 @@ def check_one_run_was_written(workspace: Path, output: str) -> dict:
     return metrics
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_friction_train_with_two_gpus_starts_two_processes_that_hold_the_same_weights(
     two_process_workspace: Path, tmp_path: Path
@@ -177,6 +179,7 @@ def test_the_card_names_the_attention_kernel_and_the_data_parallel_processes(tmp
     assert "| attention | varlen (`model.attn_implementation: auto`) |" in text
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
     two_process_workspace: Path, tmp_path: Path
@@ -206,3 +209,67 @@ def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
     expected_weights = load_file(unbroken / "models/adapter/adapter_model.safetensors")
     for name, tensor in load_file(broken / "models/adapter/adapter_model.safetensors").items():
         torch.testing.assert_close(tensor, expected_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("visible", "alone"),
+    [(None, "0"), ("2,3", "2"), ("GPU-8a1c,GPU-77fe", "GPU-8a1c"), ("3", None), ("", None)],
+    ids=["unset", "two", "by-uuid", "one-already", "none"],
+)
+def test_a_single_process_run_keeps_the_first_visible_gpu_alone(visible, alone):
+    assert distributed.one_gpu_visible(visible) == alone
+
+
+def launch_one_process(**environment: str) -> subprocess.CompletedProcess:
+    """`launch(1)` in a fresh process, as `friction train` calls it first; prints what CUDA_VISIBLE_DEVICES is then."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "WORLD_SIZE")}
+    program = ("import os; from stages import distributed; distributed.launch(1); "
+               "print(os.environ.get('CUDA_VISIBLE_DEVICES'))")  # fmt: skip
+    return subprocess.run([sys.executable, "-c", program], env=clean | {"PYTHONPATH": str(REPO)} | environment,
+                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+
+
+def test_train_with_one_gpu_restricts_the_visible_devices_before_cuda_starts():
+    assert launch_one_process(CUDA_VISIBLE_DEVICES="5,7").stdout.splitlines()[-1] == "5"
+    assert launch_one_process().stdout.splitlines()[-1] == "0"
+    # A launcher's process is placed by its launcher (LOCAL_RANK): nothing changes.
+    launched = launch_one_process(CUDA_VISIBLE_DEVICES="5,7", LOCAL_RANK="0", WORLD_SIZE="1")
+    assert launched.stdout.splitlines()[-1] == "5,7"
+
+
+def test_under_fsdp_a_base_stored_in_4bit_is_refused_before_training(monkeypatch, tmp_path: Path, tiny_model_dir):
+    """The card's base (unsloth's bnb-4bit checkpoint) keeps uint8 storage whatever from_pretrained is given."""
+    from friction import train_checks
+
+    base = tmp_path / "base-4bit"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {  # as unsloth/DeepSeek-R1-Distill-Qwen-7B-unsloth-bnb-4bit's config.json has it
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8", "bnb_4bit_use_double_quant": True,
+    }  # fmt: skip
+    (base / "config.json").write_text(json.dumps(config))
+    stored = train_checks.base_config(str(base), None).quantization_config
+    assert modeling.fsdp_storage_problem(stored).startswith("is stored quantized (4-bit weights packed in uint8)")
+    assert modeling.fsdp_storage_problem(None) is None  # a bf16 base: quantized_placement stores it in bf16
+    assert modeling.fsdp_storage_problem(stored | {"bnb_4bit_quant_storage": "bfloat16"}) is None
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"base_model": {"location": str(base), "resolved_revision": None}}))
+    with pytest.raises(click.ClickException, match="model.base: .*base-4bit is stored quantized.*FSDP"):
+        train_checks.check_before_training(load_params(REPO / "recipes/demo.yaml"), packed_dir(tmp_path), manifest)
+
+
+def packed_dir(tmp_path: Path) -> Path:
+    """Packed train and validation files that the checks read (a few rows of random tokens)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from bench.train_throughput import packed_rows
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for split in ("train", "validation"):
+        pq.write_table(packed_rows(2, 64, np.random.default_rng(0), vocab=100), packed / f"{split}.parquet")
+    return packed

@@ -72,6 +72,7 @@ def test_the_card_pushed_to_the_hub_loads_the_adapter_from_the_hub():
 # --- on the demo's adapter ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_chat_replies_to_one_prompt_as_greedy_generation_does(made_demo):
     workspace, _, env = made_demo
@@ -94,6 +95,7 @@ def test_chat_replies_to_one_prompt_as_greedy_generation_does(made_demo):
     assert at_head.stdout == result.stdout and "models/friction-adapter at HEAD" in at_head.stderr
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_chat_without_a_prompt_is_a_conversation(made_demo):
     workspace, _, env = made_demo
@@ -105,6 +107,7 @@ def test_chat_without_a_prompt_is_a_conversation(made_demo):
     assert result.stdout.count("model> ") == 2
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_merged_model_gives_the_logits_of_base_plus_adapter(made_demo, tmp_path: Path):
     workspace, _, env = made_demo
@@ -125,6 +128,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(made_demo, tmp_path:
     assert not torch.allclose(got, without, atol=1e-5)  # the adapter is in the merged weights
 
 
+@pytest.mark.needs_triton  # trains with TRL
 @pytest.mark.e2e
 def test_push_dry_run_lists_the_folder_and_sends_nothing(made_demo):
     workspace, _, env = made_demo

@@ -15,7 +15,7 @@ from ruamel.yaml import YAML
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.needs_triton]  # the demo's pipeline trains with TRL
 
 
 def sh(*args: str, cwd: Path) -> str:

@@ -66,6 +66,7 @@ def adapter_weights(workspace: Path) -> dict[str, torch.Tensor]:
     return load_file(workspace / "models/adapter/adapter_model.safetensors")
 
 
+@pytest.mark.needs_triton  # trains with TRL
 def test_killed_run_resumes_and_matches_an_unbroken_run(packed_workspace: Path):
     unbroken = copy_of(packed_workspace, "unbroken")
     finish(friction("train", cwd=unbroken))

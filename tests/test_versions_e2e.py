@@ -16,7 +16,7 @@ from ruamel.yaml import YAML
 
 from conftest import REPO
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.needs_triton]  # the demo's pipeline trains with TRL
 
 ARTIFACT = "models/friction-adapter"
 

@@ -18,19 +18,22 @@ from huggingface_hub.errors import CacheNotFound
 from ruamel.yaml import YAML
 
 from friction.config import PARAMS_FILE, Params
-from friction.hub import HubRepo, Resolved, hub_errors_explained, hub_repos, is_commit, last_fetch_commits
-
-try:  # the HTTP client huggingface_hub is built on: httpx2 from 2.0, httpx in 1.x (the unsloth pin set)
-    from httpx2 import TransportError
-except ImportError:
-    from httpx import TransportError
+from friction.hub import (
+    TRANSPORT_ERRORS,
+    HubRepo,
+    Resolved,
+    hub_errors_explained,
+    hub_repos,
+    is_commit,
+    last_fetch_commits,
+)
 
 
 def resolve_on_hub(repo: HubRepo) -> str:
     with hub_errors_explained(repo):
         try:
             commit = HfApi().repo_info(repo.repo_id, repo_type=repo.repo_type, revision=repo.revision).sha
-        except TransportError as error:  # DNS failure, refused connection, timeout: hub passes them through
+        except TRANSPORT_ERRORS as error:  # DNS failure, refused connection, timeout: hub passes them through
             raise click.ClickException(
                 f"{repo.described}: cannot reach the Hub ({error}); set HF_HUB_OFFLINE=1 to pin from the local "
                 "Hugging Face cache"
