@@ -87,12 +87,15 @@ def train(packed: Path, manifest: Path, adapter: Path, checkpoints: Path, live: 
 @path_option("--prompts", "Held-out prompts, one JSON object with 'prompt' a line.")
 @path_option("--samples", "Both models' responses with their metrics.")
 @path_option("--metrics", "Validation loss and friction metrics.")
-def evaluate(packed: Path, manifest: Path, adapter: Path, prompts: Path, samples: Path, metrics: Path) -> None:
+@path_option("--losses", "Each validation example's loss under both models (JSON Lines).")
+def evaluate(
+    packed: Path, manifest: Path, adapter: Path, prompts: Path, samples: Path, metrics: Path, losses: Path
+) -> None:
     """Compare the base model with base + adapter."""
     params = load_params()
     from stages import evaluate as stage
 
-    stage.run(params, packed, manifest, adapter, prompts, samples, metrics)
+    stage.run(params, packed, manifest, adapter, prompts, samples, metrics, losses)
 
 
 @main.command()
