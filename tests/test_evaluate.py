@@ -255,7 +255,8 @@ STAGE_PROMPTS = [
 def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, packed_validation, demo_params, capsys):
     paths = write_stage_inputs(tmp_path, tiny_model_dir, packed_validation, STAGE_PROMPTS)
     params = Params.model_validate(
-        _with(demo_params, evaluate={"max_new_tokens": 5, "batch_size": 4, "samples_per_prompt": 2, "max_prompts": None})
+        _with(demo_params, evaluate={"max_new_tokens": 5, "batch_size": 4, "samples_per_prompt": 2,
+                                     "max_prompts": None})  # fmt: skip
     )
 
     evaluate.run(params, **paths)
@@ -277,7 +278,8 @@ def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, pack
     friction = report["friction"]
     assert friction["prompts"] == 3 and friction["samples_per_prompt"] == 2 and friction["adapter"]["n"] == 6
     assert set(friction["categories"]) == {"risky_plan", "control"}
-    assert friction["categories"]["control"]["prompts"] == 2 and "control_overfriction_rate" in friction["categories"]["control"]
+    control = friction["categories"]["control"]
+    assert control["prompts"] == 2 and "control_overfriction_rate" in control
 
     comparison = report["comparison"]
     assert {"validation_loss", "answer_pushback_rate", "control_overfriction_rate", "think_words"} <= set(comparison)
@@ -285,7 +287,8 @@ def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, pack
         assert set(entry) == {"base", "adapter", "diff", "ci95", "p", "p_holm", "n"}, name
         assert entry["ci95"][0] <= entry["diff"] <= entry["ci95"][1] and entry["p"] <= entry["p_holm"] <= 1, name
     # n: 3 validation examples, 3 prompts (their two samples averaged), 2 control prompts
-    assert {name: entry["n"] for name, entry in comparison.items() if entry["n"] != 3} == {"control_overfriction_rate": 2}
+    not_three = {name: entry["n"] for name, entry in comparison.items() if entry["n"] != 3}
+    assert not_three == {"control_overfriction_rate": 2}
     loss = comparison["validation_loss"]
     assert loss["base"] == pytest.approx(validation["base_loss"], abs=1e-4)
     assert loss["diff"] == pytest.approx(validation["adapter_loss"] - validation["base_loss"], abs=2e-4)
@@ -302,7 +305,8 @@ def test_each_row_samples_from_its_own_seed_whatever_the_batch(tmp_path, tiny_mo
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [generation_prompt([{"role": "user", "content": text}]) for text in
                ("Should I text him tonight?", "Why now?", "I keep thinking I should quit my job")]  # fmt: skip
-    texts, seeds = [p for p in prompts for _ in range(2)], [evaluate.row_seed(42, n, k) for n in range(3) for k in (0, 1)]
+    texts = [prompt for prompt in prompts for _ in range(2)]
+    seeds = [evaluate.row_seed(42, number, sample) for number in range(3) for sample in (0, 1)]
     sampled = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95}
 
     def answers(batch_size: int, rows=slice(None)) -> list[str]:
@@ -421,3 +425,70 @@ def test_score_of_a_missing_file_fails_before_reading(tmp_path: Path):
     result = score(str(tmp_path / "absent.jsonl"))
     assert result.exit_code == 2
     assert "absent.jsonl" in result.output and "does not exist" in result.output
+
+
+# --- `friction score --compare`: evaluate's paired statistics on two answer files ---------------------------------
+
+
+def test_compare_two_files_paired_by_id(tmp_path: Path):
+    base, adapter = tmp_path / "base.jsonl", tmp_path / "adapter.jsonl"
+    ids = [f"q{i}" for i in range(14)]
+    base.write_text("".join(json.dumps({"id": i, "x_response": "Sure, go ahead."}) + "\n" for i in ids))
+    # In another order: answers pair by id, not by line.
+    adapter.write_text("".join(json.dumps({"id": i, "y_response": "I disagree."}) + "\n" for i in reversed(ids)))
+
+    result = score("--compare", str(base), str(adapter))
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    pushback = report["comparison"]["answer_pushback_rate"]
+    assert (pushback["base"], pushback["adapter"], pushback["n"]) == (0.0, 1.0, 14)
+    assert pushback["p"] == pytest.approx(2 * 0.5**14, rel=1e-3)  # exact McNemar, 14-0
+    closed = report["comparison"]["think_closed_rate"]
+    assert closed["p"] == 1.0 and closed["diff"] == 0
+    assert report["adapter"] == f"{adapter}:y_response"
+
+
+def test_compare_averages_the_samples_of_a_prompt(tmp_path: Path):
+    path = tmp_path / "samples.jsonl"
+    records = [{"id": f"p{p}", "sample": k, "prompt": f"q{p}", "category": "control",
+                "base_response": "Fine.", "adapter_response": "I disagree." if k == 0 else "Fine."}
+               for p in range(6) for k in (0, 1)]  # fmt: skip
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = score("--compare", str(path), str(path), "--base-field", "base_response",
+                   "--adapter-field", "adapter_response")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    pushback = report["comparison"]["answer_pushback_rate"]
+    assert (pushback["adapter"], pushback["n"]) == (0.5, 6)  # 6 prompts, half of each prompt's answers push back
+    assert report["comparison"]["control_overfriction_rate"]["adapter"] == 0.5
+    assert report["categories"]["control"]["prompts"] == 6
+
+
+@pytest.mark.parametrize(
+    ("base_lines", "adapter_lines", "options", "message"),
+    [
+        (['{"a_response": "x", "b_response": "y"}'], ['{"a_response": "x"}'], [],
+         "base.jsonl: pick the answer field with --base-field/--adapter-field (*_response fields: a_response, "
+         "b_response)"),
+        (['{"id": 1, "a_response": "x"}'], ['{"id": 2, "a_response": "x"}'], [], "do not answer the same ids"),
+        (['{"a_response": "x"}', '{"a_response": "y"}'], ['{"a_response": "x"}'], [], "2 and 1 records"),
+        (['{"a_response": "x"}'], ['{"a_response": "x"}'], ["--adapter-field", "z_response"],
+         "adapter.jsonl: record 0 (counting from 0) has no string field 'z_response'"),
+    ],
+    ids=["two-fields", "unpaired-ids", "unequal-lengths", "missing-field"],
+)  # fmt: skip
+def test_compare_names_the_problem(tmp_path: Path, base_lines, adapter_lines, options, message):
+    base, adapter = tmp_path / "base.jsonl", tmp_path / "adapter.jsonl"
+    base.write_text("\n".join(base_lines) + "\n")
+    adapter.write_text("\n".join(adapter_lines) + "\n")
+    result = score("--compare", str(base), str(adapter), *options)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_compare_needs_two_files(tmp_path: Path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"a_response": "x"}\n')
+    result = score("--compare", str(path))
+    assert result.exit_code == 1 and "--compare takes two files, BASE and ADAPTER; got 1" in result.output
