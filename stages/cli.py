@@ -99,6 +99,18 @@ def evaluate(
 
 
 @main.command()
+@path_option("--samples", "Output of evaluate: both models' answers.")
+@path_option("--cache", "The judge's verdicts, one file each, kept between runs (git-ignored).")
+@path_option("--metrics", "The adapter's win, tie and loss against the base, or that the judge is off.")
+def judge(samples: Path, cache: Path, metrics: Path) -> None:
+    """Have a judge model (an OpenAI-compatible server) compare base and adapter answers; off unless judge.enabled."""
+    params = load_params()
+    from stages import judge as stage
+
+    stage.run(params, samples, cache, metrics)
+
+
+@main.command()
 @path_option("--metrics-dir", "Metrics of mix, pack, train and evaluate.")
 @path_option("--manifest", "Output of fetch.")
 @path_option("--adapter", "Output of train: the adapter and its tokenizer.")
