@@ -30,7 +30,7 @@ CI_METHOD = "BCa"
 METHOD = {
     "ci95": f"{CI_METHOD} bootstrap over items, {RESAMPLES:,} resamples, seeded",
     "p": "two-sided paired permutation test (random sign flips of the per-item differences)",
-    "p_yes_no": "exact McNemar test (binomial test of the discordant pairs): yes/no metrics, one answer a prompt",
+    "p_yes_no": "exact McNemar test (a binomial test of the pairs that disagree) when each prompt has one answer",
     "p_holm": "Holm's step-down correction across the metrics of the table",
 }
 
