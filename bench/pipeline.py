@@ -33,7 +33,7 @@ from bench.common import (
 from stages.config import load_params
 
 PROBE = Path(__file__).resolve().parent / "probe"
-STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
+STAGES = ["fetch", "mix", "pack", "train", "evaluate", "judge", "card"]
 
 
 def demo_copy(path: Path) -> Path:
