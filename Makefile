@@ -15,7 +15,7 @@ GIT_IDENTITY := git config user.email >/dev/null || git config user.email demo@l
 # the params that differ, and these metrics: for the main friction metrics, over-friction on the control prompts
 # (lower is better) and validation loss, the adapter's difference from the base with its 95 % interval.
 COMPARED := validation_loss|answer_pushback_rate|answer_questions_to_user|answer_hedges_per_100_words|think_closed_rate|control_overfriction_rate
-COMPARE_METRICS := best_eval_loss|steady_tokens_per_s|comparison\.($(COMPARED))\.(diff|ci95|p_holm)
+COMPARE_METRICS := best_eval_loss|steady_tokens_per_s|comparison\.($(COMPARED))\.(diff|ci95_low|ci95_high|p_holm)
 PARAM_COLUMNS := seed|recipe|(model|data|mix|pack|lora|train|evaluate|judge|card)\.
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)

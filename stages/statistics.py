@@ -154,7 +154,10 @@ def with_holm(comparisons: dict[str, dict]) -> dict[str, dict]:
 
 
 def rounded(comparisons: dict[str, dict], digits: int = 4) -> dict[str, dict]:
-    """Figures rounded for a metrics file (p-values keep their significant digits: 2·0.5^14 is 1.2e-4)."""
+    """Figures rounded for a metrics file (p-values keep their significant digits: 2·0.5^14 is 1.2e-4).
+
+    The interval is also written as two numbers, ``ci95_low`` and ``ci95_high``: DVC leaves lists out of
+    `dvc exp show`, `dvc metrics show` and `dvc metrics diff`, and `make compare` shows them."""
 
     def significant(value: float) -> float:
         return float(f"{value:.4g}")
@@ -165,6 +168,8 @@ def rounded(comparisons: dict[str, dict], digits: int = 4) -> dict[str, dict]:
             "adapter": round(entry["adapter"], digits),
             "diff": round(entry["diff"], digits),
             "ci95": [round(bound, digits) for bound in entry["ci95"]],
+            "ci95_low": round(entry["ci95"][0], digits),
+            "ci95_high": round(entry["ci95"][1], digits),
             "p": significant(entry["p"]),
             "p_holm": significant(entry["p_holm"]),
             "n": entry["n"],

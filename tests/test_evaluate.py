@@ -284,7 +284,8 @@ def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, pack
     comparison = report["comparison"]
     assert {"validation_loss", "answer_pushback_rate", "control_overfriction_rate", "think_words"} <= set(comparison)
     for name, entry in comparison.items():
-        assert set(entry) == {"base", "adapter", "diff", "ci95", "p", "p_holm", "n"}, name
+        assert set(entry) == {"base", "adapter", "diff", "ci95", "ci95_low", "ci95_high", "p", "p_holm", "n"}, name
+        assert entry["ci95"] == [entry["ci95_low"], entry["ci95_high"]], name
         assert entry["ci95"][0] <= entry["diff"] <= entry["ci95"][1] and entry["p"] <= entry["p_holm"] <= 1, name
     # n: 3 validation examples, 3 prompts (their two samples averaged), 2 control prompts
     not_three = {name: entry["n"] for name, entry in comparison.items() if entry["n"] != 3}
