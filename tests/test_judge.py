@@ -259,3 +259,24 @@ def test_garbage_is_an_error_and_nothing_is_cached(garbage_server, tmp_path, mon
     result = run_judge(folder, garbage_server, monkeypatch)
     assert result.exit_code == 1 and message in result.output, result.output
     assert "Traceback" not in result.output and cached_entries(folder) == []
+
+
+def test_an_enabled_judge_without_a_server_url_says_which_variable(tmp_path: Path, monkeypatch):
+    folder = workspace(tmp_path, "judge", "text")
+    monkeypatch.delenv("FRICTION_JUDGE_BASE_URL", raising=False)
+    monkeypatch.chdir(folder)
+    argv = ["judge", "--samples", "data/eval/samples.jsonl", "--cache", ".judge-cache", "--metrics", "m.json"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1 and "$FRICTION_JUDGE_BASE_URL" in result.output, result.output
+    assert "no judge server" in result.output and "Traceback" not in result.output
+
+
+def test_a_missing_rubric_or_bad_samples_are_named(tmp_path: Path, monkeypatch):
+    folder = workspace(tmp_path, "judge", "text")
+    (folder / "data/eval/samples.jsonl").write_text('{"prompt": "q", "base_response": "a"}\n')
+    result = run_judge(folder, "http://127.0.0.1:9/v1", monkeypatch)
+    assert result.exit_code == 1, result.output
+    assert "samples.jsonl line 1: needs string fields prompt, base_response and adapter_response" in result.output
+    (folder / "data/eval/judge_rubric.md").unlink()
+    result = run_judge(folder, "http://127.0.0.1:9/v1", monkeypatch)
+    assert result.exit_code == 1 and "judge_rubric.md: missing; judge.rubric names" in result.output, result.output
