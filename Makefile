@@ -24,9 +24,11 @@ UNSLOTH_CPU_PINS = $(shell grep -E '^($(subst $(eval) ,|,$(UNSLOTH_PINNED)))==' 
 # Written by make unsloth: this venv holds the unsloth set, which a reinstall of the project's pins would undo.
 UNSLOTH_MARK := $(VENV)/.unsloth
 # make compare: dvc exp show with the columns people compare (it has one per count of every stage's report):
-# the params that differ, and these metrics.
-COMPARE_METRICS := best_eval_loss|validation\.adapter_loss|steady_tokens_per_s|friction\.adapter\.(answer_pushback_rate|answer_questions_to_user|answer_hedges_per_100_words|think_closed_rate)
-PARAM_COLUMNS := seed|recipe|(model|data|mix|pack|lora|train|evaluate|card)\.
+# the params that differ, and these metrics: for the main friction metrics, over-friction on the control prompts
+# (lower is better) and validation loss, the adapter's difference from the base with its 95 % interval.
+COMPARED := validation_loss|answer_pushback_rate|answer_questions_to_user|answer_hedges_per_100_words|think_closed_rate|control_overfriction_rate
+COMPARE_METRICS := best_eval_loss|steady_tokens_per_s|comparison\.($(COMPARED))\.(diff|ci95_low|ci95_high|p_holm)
+PARAM_COLUMNS := seed|recipe|(model|data|mix|pack|lora|train|evaluate|judge|card)\.
 
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0

@@ -31,7 +31,7 @@ from friction.config import load_params
 from friction.demo import update_params
 
 PROBE = Path(__file__).resolve().parent / "probe"
-STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
+STAGES = ["fetch", "mix", "pack", "train", "evaluate", "judge", "card"]
 
 
 def probe_env(log: Path) -> dict[str, str]:

@@ -40,28 +40,84 @@ def demo_workspace(folder: Path) -> None:
     click.echo(f"demo-workspace: {folder}")
 
 
+def _records(path: Path) -> list[dict]:
+    from friction import friction_metrics
+
+    try:
+        return friction_metrics.load_records(path)
+    except UnicodeDecodeError as error:
+        raise click.ClickException(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except ValueError as error:  # its message names the file and the line
+        raise click.ClickException(str(error)) from None
+
+
+def _response_field(path: Path, records: list[dict], asked: str | None) -> str:
+    """The answer field of a file: the one asked for, else its only *_response field."""
+    fields = [key for key in records[0] if key.endswith("_response")]
+    if asked is not None:
+        missing = next((index for index, record in enumerate(records) if not isinstance(record.get(asked), str)), None)
+        if missing is not None:
+            raise click.ClickException(f"{path}: record {missing} (counting from 0) has no string field {asked!r}")
+        return asked
+    if len(fields) != 1:
+        found = ", ".join(fields) or "none"
+        raise click.ClickException(
+            f"{path}: pick the answer field with --base-field/--adapter-field (*_response fields: {found})"
+        )
+    return fields[0]
+
+
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def score(files: tuple[Path, ...]) -> None:
+@click.option("--compare", is_flag=True, help="FILES are BASE ADAPTER: paired statistics of their answers.")
+@click.option("--base-field", default=None, help="With --compare: BASE's answer field (default: its only *_response).")
+@click.option("--adapter-field", default=None, help="With --compare: ADAPTER's answer field.")
+@click.option("--seed", default=42, show_default=True, help="With --compare: the bootstrap's and permutations' seed.")
+def score(files: tuple[Path, ...], compare: bool, base_field: str | None, adapter_field: str | None, seed: int) -> None:
     """Friction metrics of every *_response field in JSON or JSON Lines FILES, as one JSON object keyed by file.
 
     E.g. data/eval/samples.jsonl (what evaluate wrote), or any file of objects with *_response string fields.
+
+    With --compare BASE ADAPTER: evaluate's paired statistics of two answer files (one JSON object: per metric base,
+    adapter, diff, ci95, p, p_holm, n; then per category). Answers pair by `id` (and `sample`) when every record has
+    an id, else by position; a prompt's samples are averaged first. One file with both answers works too:
+    `friction score --compare F F --base-field baseline_response --adapter-field tuned_response`.
     """
+    if compare:
+        if len(files) != 2:
+            raise click.ClickException(f"--compare takes two files, BASE and ADAPTER; got {len(files)}")
+        _compare_files(files[0], files[1], base_field, adapter_field, seed)
+        return
     from friction import friction_metrics
 
     summaries = {}
     for path in files:
-        try:
-            records = friction_metrics.load_records(path)
-        except UnicodeDecodeError as error:
-            raise click.ClickException(f"{path}: not UTF-8 text (byte {error.start})") from None
-        except ValueError as error:  # its message names the file and the line
-            raise click.ClickException(str(error)) from None
+        records = _records(path)
         try:
             summaries[str(path)] = friction_metrics.score_records(records)
         except ValueError as error:
             raise click.ClickException(f"{path}: {error}") from None
     click.echo(json.dumps(summaries, indent=2))
+
+
+def _compare_files(base_path: Path, adapter_path: Path, base_field: str | None, adapter_field: str | None,
+                   seed: int) -> None:  # fmt: skip
+    from friction import comparison
+
+    base_records, adapter_records = _records(base_path), _records(adapter_path)
+    base_field = _response_field(base_path, base_records, base_field)
+    adapter_field = _response_field(adapter_path, adapter_records, adapter_field)
+    try:
+        samples = comparison.samples_of_two_files(base_records, base_field, adapter_records, adapter_field)
+    except ValueError as error:
+        raise click.ClickException(f"{base_path} and {adapter_path}: {error}") from None
+    result = {
+        "base": f"{base_path}:{base_field}",
+        "adapter": f"{adapter_path}:{adapter_field}",
+        "comparison": comparison.comparison(samples, seed),
+        "categories": comparison.by_category(samples, seed),
+    }
+    click.echo(json.dumps(result, indent=2))
 
 
 @main.command()

@@ -127,7 +127,36 @@ class EvaluateParams(Section):
     top_p: float = Field(gt=0, le=1)
     batch_size: int = Field(ge=1)
     max_prompts: int | None = Field(default=None, ge=1)
-    """Evaluate only the first N prompts of data/eval/prompts.jsonl; null takes them all."""
+    """Evaluate N prompts of data/eval/prompts.jsonl, taken in turn from each category (the first of every category,
+    then the second, ...) so that a subset still covers them all; null takes them all."""
+    samples_per_prompt: int = Field(default=1, ge=1)
+    """Answers sampled per prompt and model, each with its own seed; metrics are averaged within a prompt before the
+    statistics over prompts. Greedy decoding (temperature 0) makes it 1: every sample would be the same."""
+
+
+class JudgeParams(Section):
+    """The optional judge stage (stages/judge.py): a model behind an OpenAI-compatible server compares base and
+    adapter answers pairwise. The server's URL and key come from the environment, never from params."""
+
+    enabled: bool = False
+    model: str | None = None
+    """The judge model's name as the server's /v1/models lists it."""
+    rubric: str = "data/eval/judge_rubric.md"
+    verdict: Literal["choice", "text"] = "text"
+    """choice: a constrained choice between the labels (transformers serve's /v1/systemone typed decision: always a
+    label). text: the judge writes its verdict, which must name exactly one label (any OpenAI-compatible server:
+    vLLM, Ollama, llama.cpp); text naming none is unscored."""
+    base_url_env: str = "FRICTION_JUDGE_BASE_URL"
+    api_key_env: str = "FRICTION_JUDGE_API_KEY"
+    max_tokens: int = Field(default=16, ge=1)
+    """Tokens the judge may write for a text verdict."""
+    timeout_s: float = Field(default=120, gt=0)
+
+    @model_validator(mode="after")
+    def _model_when_enabled(self) -> JudgeParams:
+        if self.enabled and not self.model:
+            raise ValueError("judge.enabled needs judge.model (the name the server's /v1/models lists)")
+        return self
 
 
 class CardParams(Section):
@@ -148,6 +177,7 @@ class Params(Section):
     lora: LoraParams
     train: TrainParams
     evaluate: EvaluateParams
+    judge: JudgeParams = JudgeParams()
     card: CardParams
 
     @model_validator(mode="after")

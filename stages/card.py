@@ -18,6 +18,7 @@ from typing import Any
 import click
 from huggingface_hub import ModelCard, ModelCardData
 
+from friction import comparison, statistics
 from friction.artifacts import atomic_output, read_json
 from friction.chatml import generation_prompt
 from friction.config import Params, load_params
@@ -43,6 +44,24 @@ CARD_FRICTION_KEYS = [
 ]
 
 
+def comparison_rows(evaluation: dict) -> list[dict[str, Any]]:
+    """The card's table of paired differences: validation loss, the headline metrics, over-friction, then the other
+    card metrics, each with its name and whether it holds after Holm's correction."""
+    compared = evaluation["comparison"]
+    order = [comparison.VALIDATION_LOSS, *comparison.HEADLINE, comparison.OVERFRICTION, *CARD_FRICTION_KEYS]
+    names = [name for name in dict.fromkeys(order) if name in compared]
+    return [{"name": name, **compared[name], "holds": statistics.holds(compared[name])} for name in names]
+
+
+def judge_report(metrics_dir: Path) -> dict | None:
+    """metrics/judge.json when the judge ran and scored something; None when it was off."""
+    path = metrics_dir / "judge.json"
+    if not path.is_file():
+        return None
+    report = read_json(path)
+    return report if report.get("enabled") and report.get("prompts_scored") else None
+
+
 def source_rows(params: Params, manifest: dict, mix: dict) -> list[dict[str, Any]]:
     """One row of the card's data table per source: where it came from, what mix kept and drew from it."""
     return [
@@ -65,7 +84,8 @@ def python_string_lines(text: str) -> str:
 def build(
     params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, loss_plot: str | None
 ) -> ModelCard:
-    """The card; `loss_plot` names the loss-curve image beside it, or is None when there are no curves."""
+    """The card; `loss_plot` names the loss-curve image beside it, or is None when there are no curves. The judge's
+    results are shown when metrics/judge.json says it ran."""
     manifest = read_json(manifest_path)
     mix, pack = read_json(metrics_dir / "mix.json"), read_json(metrics_dir / "pack.json")
     train_metrics, evaluation = read_json(metrics_dir / "train.json"), read_json(metrics_dir / "evaluate.json")
@@ -99,6 +119,14 @@ def build(
         train_metrics=train_metrics,
         evaluation=evaluation,
         friction_keys=[key for key in CARD_FRICTION_KEYS if key in evaluation["friction"]["base"]],
+        compared=comparison_rows(evaluation),
+        holding=[row for row in comparison_rows(evaluation) if row["holds"]],
+        metrics_compared=len(evaluation["comparison"]),
+        method=evaluation["comparison_method"],
+        categories=evaluation["friction"].get("categories", {}),
+        headline=comparison.HEADLINE,
+        overfriction=evaluation["comparison"].get(comparison.OVERFRICTION),
+        judge=judge_report(metrics_dir),
         usage_prompt=python_string_lines(usage_prompt),
         loss_plot=loss_plot,
     )

@@ -17,12 +17,14 @@ from huggingface_hub import ModelCard
 from ruamel.yaml import YAML
 
 from conftest import REPO
+from friction import comparison, judging, statistics
 from stages import card
 from friction.config import Params, load_params
 from friction.friction_metrics import score, summarize
 
-# Numbers the template writes itself: the original card's citation year.
-TEMPLATE_NUMBERS = {"2025"}
+# Numbers the template writes itself: the original card's citation year, the 95 % of the intervals and the 0.05
+# level of Holm's correction (friction/statistics.py fixes both).
+TEMPLATE_NUMBERS = {"2025", "95", "0.05"}
 # A number as the card shows it: digits with thousands commas or a decimal part, or a version like 5.24.0; not the
 # digits inside a word or name (Qwen-7B, v2, bf16, x86_64, a commit hash).
 NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*(?:e[+-]?\d+)?(?!\w)")
@@ -58,7 +60,9 @@ def hex_revision(seed: int) -> str:
     return f"{seed:08x}" + "ab" * 16
 
 
-def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float | None = 1.52683) -> dict[str, Path]:
+def write_run(
+    root: Path, *, source_tokens: bool = True, best_eval_loss: float | None = 1.52683, judge: dict | None = None
+) -> dict[str, Path]:
     """A complete set of the files the card stage reads, as a run on the card recipe would leave them."""
     yaml_writer = YAML()
     params = yaml_writer.load(REPO / "recipes/card.yaml")
@@ -93,12 +97,24 @@ def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float |
              "real_tokens": 5386211, "trained_tokens": 4127734, "padded_slots": 483709,
              "fill_ratio": 0.9176}  # fmt: skip
     pack = {"strategy": "bfd", "max_length": 3072, "train": split, "validation": {**split, "rows": 163}}
-    base_scores = [score("<think>Maybe, perhaps.</think>Sure, do it."), score("<think>I think so</think>Go.")]
-    adapter_scores = [score("<think>Hmm</think>I disagree. Do you?"), score("<think>Wait</think>*sighs* Maybe not.")]
+    base_texts = ["<think>Maybe, perhaps.</think>Sure, do it.", "<think>I think so</think>Go.", "Fine, go ahead."]
+    adapter_texts = ["<think>Hmm</think>I disagree. Do you?", "<think>Wait</think>*sighs* Maybe not.",
+                     "I'm not convinced. Why now?"]  # fmt: skip
+    categories = ["risky_plan", "emotional", "control"]
+    samples = [{"id": f"p{index}", "prompt": f"q{index}", "category": categories[index % 3], "sample": 0,
+                "base_metrics": score(base_texts[index % 3]), "adapter_metrics": score(adapter_texts[index % 3])}
+               for index in range(23)]  # fmt: skip
+    loss = {"base": 1.9381, "adapter": 1.5187, "diff": -0.4194, "ci95": [-0.4713, -0.3702], "p": 0.0001,
+            "p_holm": 0.0023, "n": 299}  # fmt: skip
     evaluation = {
         "validation": {"tokens": 418223, "base_loss": 1.9381, "adapter_loss": 1.5187, "base_perplexity": 6.945,
                        "adapter_perplexity": 4.566},
-        "friction": {"prompts": 23, "base": summarize(base_scores), "adapter": summarize(adapter_scores)},
+        "friction": {"prompts": 23, "samples_per_prompt": 1,
+                     "base": summarize([s["base_metrics"] for s in samples]),
+                     "adapter": summarize([s["adapter_metrics"] for s in samples]),
+                     "categories": comparison.by_category(samples, seed=4242)},
+        "comparison": {"validation_loss": loss, **comparison.comparison(samples, seed=4242)},
+        "comparison_method": statistics.METHOD,
     }  # fmt: skip
     train = {**TRAIN_METRICS, "best_eval_loss": best_eval_loss}
 
@@ -111,7 +127,8 @@ def write_run(root: Path, *, source_tokens: bool = True, best_eval_loss: float |
     (paths["adapter"] / "README.md").write_text("peft's stub\n")
     for path, data in ((paths["manifest"], manifest), (paths["metrics"] / "mix.json", mix),
                        (paths["metrics"] / "pack.json", pack), (paths["metrics"] / "train.json", train),
-                       (paths["metrics"] / "evaluate.json", evaluation)):  # fmt: skip
+                       (paths["metrics"] / "evaluate.json", evaluation),
+                       (paths["metrics"] / "judge.json", judge or {"enabled": False, "reason": "off"})):  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2))
     curves = {"train/loss": [(10, 2.3117), (20, 1.8734), (30, 1.4322)], "eval/loss": [(15, 1.7012), (30, 1.5268)]}
@@ -160,7 +177,7 @@ def renderings(value: Any) -> set[str]:
         return set(NUMBER.findall(value))  # numbers inside names and versions
     if isinstance(value, bool) or not isinstance(value, int | float):
         return set()
-    shown = {str(value), f"{value:,}", f"{value:,.0f}", f"{100 * value:.1f}"}
+    shown = {str(value), f"{value:,}", f"{value:,.0f}", f"{100 * value:.1f}", f"{value:.2g}"}
     shown |= {f"{value:.{digits}f}" for digits in range(5)}
     return shown
 
@@ -258,3 +275,36 @@ def test_no_card_without_a_trained_adapter(run_files, tmp_path: Path):
         card.run(params, run_files["metrics"], run_files["manifest"], tmp_path / "none", run_files["live"],
                  tmp_path / "out")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_the_card_shows_the_paired_differences_and_what_holds(model_card: ModelCard, run_files):
+    text = model_card.text
+    evaluation = json.loads((run_files["metrics"] / "evaluate.json").read_text())
+    pushback = evaluation["comparison"]["answer_pushback_rate"]
+    assert "| metric | base | base + adapter | difference [95 % CI] | p | p (Holm) | n |" in text
+    assert "| validation loss | 1.9381 | 1.5187 | -0.4194 [-0.4713, -0.3702] | 0.0001 | 0.0023 | 299 |" in text
+    low, high = pushback["ci95"]
+    assert (f"| answer_pushback_rate | {pushback['base']:.4f} | {pushback['adapter']:.4f} | {pushback['diff']:+.4f} "
+            f"[{low:+.4f}, {high:+.4f}] | {pushback['p']:.2g} | {pushback['p_holm']:.2g} | 23 |") in text
+    holding = text.split("Differences that hold after Holm's correction (p (Holm) < 0.05): ")[1].split(".\n")[0]
+    assert "validation_loss (-0.4194)" in holding and "answer_pushback_rate" in holding
+    assert "think_closed_rate" not in holding  # no difference: all answers close their think block (or have none)
+    assert "10,000 resamples" in text and "exact McNemar" in text
+    overfriction = evaluation["comparison"]["control_overfriction_rate"]
+    assert f"**Over-friction** (lower is better): on the {overfriction['n']} control prompts" in text
+    assert "| control | 7 |" in text and "| risky_plan | 8 |" in text  # the per-category lines
+    assert "**Judge**" not in text  # the judge was off
+
+
+def test_the_card_shows_the_judge_when_it_ran(tmp_path: Path):
+    results = [{"id": f"p{i}", "outcome": outcome} for i, outcome in enumerate(["win"] * 9 + ["loss"] * 3 + ["tie"])]
+    report = {"enabled": True, "model": "Qwen/Qwen2.5-7B-Instruct", "verdict": "text", "rubric": "r.md",
+              "requests_sent": 26, **judging.summary(results + [{"id": "p99", "outcome": "unscored"}], seed=1)}
+    paths = write_run(tmp_path, judge=report)
+    text = build_card(paths).text
+    assert "**Judge**: `Qwen/Qwen2.5-7B-Instruct` compared the answers" in text
+    assert "Of 14 answer pairs the\nadapter won 9, tied 1 and lost 3; 1 had no valid verdict (unscored)." in text
+    win = report["win_rate"]
+    assert f"win rate {win['value']:.4f} [{win['ci95'][0]:.4f}, {win['ci95'][1]:.4f}]" in text
+    traceable = set().union(*(renderings(value) for value in run_values(paths))) | TEMPLATE_NUMBERS
+    assert not sorted(set(NUMBER.findall(text)) - traceable)

@@ -138,9 +138,14 @@ def test_neither_hub_nor_path_given(tmp_path: Path) -> None:
 
 
 def test_every_mistake_is_reported_at_once(tmp_path: Path) -> None:
-    text = edit("  rank: 8\n", "  rank: 0\n").replace("  batch_size: 12\n", "  batch_size: none\n")
+    text = edit("  rank: 8\n", "  rank: 0\n").replace("  max_new_tokens: 48\n", "  max_new_tokens: none\n")
     message = error_of(write(tmp_path, text))
-    assert "lora.rank" in message and "evaluate.batch_size" in message
+    assert "lora.rank" in message and "evaluate.max_new_tokens" in message
+
+
+def test_an_enabled_judge_needs_a_model(tmp_path: Path) -> None:
+    message = error_of(write(tmp_path, edit("  enabled: false\n", "  enabled: true\n")))
+    assert "judge.enabled needs judge.model" in message, message
 
 
 def test_dvc_exp_run_float_notation_loads_as_float(tmp_path: Path) -> None:

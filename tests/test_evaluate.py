@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -218,7 +219,17 @@ def test_validation_loss_of_packed_rows_is_the_loss_of_their_examples_one_by_one
     assert loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
 
 
-def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, packed_validation, demo_params, capsys):
+def test_example_losses_are_each_example_alone_and_sum_to_the_total(tiny_model_dir, packed_validation):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows, examples = packed_validation
+    per_example = evaluate.example_losses(model, rows, torch.device("cpu"), "test")
+    assert [(e["row"], e["example"]) for e in per_example] == [(0, 0), (0, 1), (1, 0)]
+    for measured, (ids, labels) in zip(per_example, examples, strict=True):
+        alone, tokens = one_example_loss(model, ids, labels)
+        assert measured["tokens"] == tokens and measured["loss_sum"] == pytest.approx(alone, rel=1e-5)
+
+
+def write_stage_inputs(tmp_path: Path, tiny_model_dir: Path, packed_validation, prompts: list[dict]) -> dict:
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"base_model": {"location": str(tiny_model_dir), "resolved_revision": None}}))
     packed = tmp_path / "packed"
@@ -228,30 +239,122 @@ def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, pack
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)  # random, non-zero LoRA
     adapted.save_pretrained(str(tmp_path / "adapter"))
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": text}) + "\n" for i, text in enumerate(
-        ["Should I text him tonight?", "I think I should repaint the house.", "Why does my sister never call?"]
-    )))  # fmt: skip
-    params = Params.model_validate(_with(demo_params, evaluate={"max_new_tokens": 5, "batch_size": 2}))
-    samples, metrics = tmp_path / "samples.jsonl", tmp_path / "evaluate.json"
+    prompts_path = tmp_path / "prompts.jsonl"
+    prompts_path.write_text("".join(json.dumps(prompt) + "\n" for prompt in prompts))
+    return {"packed_dir": packed, "manifest_path": manifest, "adapter_dir": tmp_path / "adapter",
+            "prompts_path": prompts_path, "samples_path": tmp_path / "samples.jsonl",
+            "metrics_path": tmp_path / "evaluate.json", "losses_path": tmp_path / "losses.jsonl"}  # fmt: skip
 
-    evaluate.run(params, packed, manifest, tmp_path / "adapter", prompts, samples, metrics)
 
-    written = [json.loads(line) for line in samples.read_text().splitlines()]
-    assert [sample["id"] for sample in written] == ["p0", "p1", "p2"]
+STAGE_PROMPTS = [
+    {"id": "p0", "category": "risky_plan", "prompt": "Should I text him tonight?"},
+    {"id": "p1", "category": "control", "prompt": "I think I should repaint the house."},
+    {"id": "p2", "category": "control", "prompt": "Why does my sister never call?"},
+]
+
+
+def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, packed_validation, demo_params, capsys):
+    paths = write_stage_inputs(tmp_path, tiny_model_dir, packed_validation, STAGE_PROMPTS)
+    params = Params.model_validate(
+        _with(demo_params, evaluate={"max_new_tokens": 5, "batch_size": 4, "samples_per_prompt": 2,
+                                     "max_prompts": None})  # fmt: skip
+    )
+
+    evaluate.run(params, **paths)
+
+    written = [json.loads(line) for line in paths["samples_path"].read_text().splitlines()]
+    assert [(sample["id"], sample["sample"]) for sample in written] == [(f"p{i}", k) for i in range(3) for k in (0, 1)]
+    assert len({sample["seed"] for sample in written}) == 6  # every (prompt, sample) its own seed
     for sample in written:
-        assert set(sample) == {"id", "prompt", "base_response", "adapter_response", "base_metrics", "adapter_metrics"}
+        assert set(sample) == {"id", "category", "sample", "seed", "prompt", "base_response", "adapter_response",
+                               "base_metrics", "adapter_metrics"}  # fmt: skip
         assert sample["base_metrics"]["answer_words"] >= 0 and "think_closed" in sample["adapter_metrics"]
-    report = json.loads(metrics.read_text())
+    report = json.loads(paths["metrics_path"].read_text())
     validation = report["validation"]
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     plain_base_loss, _ = evaluate.validation_loss(base, packed_validation[0], torch.device("cpu"), "test")
     assert validation["base_loss"] == pytest.approx(plain_base_loss, abs=1e-4)  # the adapter really was off
     assert validation["adapter_loss"] != validation["base_loss"]
     assert validation["base_perplexity"] == pytest.approx(math.exp(validation["base_loss"]), rel=1e-3)
-    assert report["friction"]["prompts"] == 3 and report["friction"]["adapter"]["n"] == 3
-    progress = capsys.readouterr().err
-    assert "evaluate: generating, base: 100%" in progress and "2/2" in progress  # 3 prompts in batches of 2
+    friction = report["friction"]
+    assert friction["prompts"] == 3 and friction["samples_per_prompt"] == 2 and friction["adapter"]["n"] == 6
+    assert set(friction["categories"]) == {"risky_plan", "control"}
+    control = friction["categories"]["control"]
+    assert control["prompts"] == 2 and "control_overfriction_rate" in control
+
+    comparison = report["comparison"]
+    assert {"validation_loss", "answer_pushback_rate", "control_overfriction_rate", "think_words"} <= set(comparison)
+    for name, entry in comparison.items():
+        assert set(entry) == {"base", "adapter", "diff", "ci95", "ci95_low", "ci95_high", "p", "p_holm", "n"}, name
+        assert entry["ci95"] == [entry["ci95_low"], entry["ci95_high"]], name
+        assert entry["ci95"][0] <= entry["diff"] <= entry["ci95"][1] and entry["p"] <= entry["p_holm"] <= 1, name
+    # n: 3 validation examples, 3 prompts (their two samples averaged), 2 control prompts
+    not_three = {name: entry["n"] for name, entry in comparison.items() if entry["n"] != 3}
+    assert not_three == {"control_overfriction_rate": 2}
+    loss = comparison["validation_loss"]
+    assert loss["base"] == pytest.approx(validation["base_loss"], abs=1e-4)
+    assert loss["diff"] == pytest.approx(validation["adapter_loss"] - validation["base_loss"], abs=2e-4)
+
+    losses = [json.loads(line) for line in paths["losses_path"].read_text().splitlines()]
+    assert len(losses) == 3 and sum(row["tokens"] for row in losses) == validation["tokens"]
+    output = capsys.readouterr()
+    assert "evaluate: generating, base: 100%" in output.err and "2/2" in output.err  # 6 rows in batches of 4
+    assert "evaluate: validation_loss:" in output.out and "Holm" in output.out
+
+
+def test_each_row_samples_from_its_own_seed_whatever_the_batch(tmp_path, tiny_model_dir, tiny_tokenizer, demo_params):
+    """A (prompt, sample) row's answer depends on its seed, not on the rows batched with it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [generation_prompt([{"role": "user", "content": text}]) for text in
+               ("Should I text him tonight?", "Why now?", "I keep thinking I should quit my job")]  # fmt: skip
+    texts = [prompt for prompt in prompts for _ in range(2)]
+    seeds = [evaluate.row_seed(42, number, sample) for number in range(3) for sample in (0, 1)]
+    sampled = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95}
+
+    def answers(batch_size: int, rows=slice(None)) -> list[str]:
+        params = Params.model_validate(_with(demo_params, evaluate={**sampled, "batch_size": batch_size}))
+        return evaluate.generate(model, tiny_tokenizer, texts[rows], params, torch.device("cpu"), "t", seeds[rows])
+
+    together = answers(6)
+    assert together == answers(1) == answers(4)
+    assert answers(2, slice(2, 4)) == together[2:4]
+    assert together[0] != together[1] or together[2] != together[3]  # two samples of a prompt differ
+
+
+def test_greedy_decoding_makes_one_sample(demo_params):
+    greedy = Params.model_validate(_with(demo_params, evaluate={"temperature": 0.0, "samples_per_prompt": 4}))
+    assert evaluate.samples_per_prompt(greedy) == 1
+    sampled = Params.model_validate(_with(demo_params, evaluate={"samples_per_prompt": 4}))
+    assert evaluate.samples_per_prompt(sampled) == 4
+
+
+def test_a_subset_of_prompts_covers_every_category(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    categories = ["a"] * 5 + ["b"] * 3 + ["c"] * 1 + ["a"] * 2
+    prompts.write_text("".join(json.dumps({"id": i, "category": c, "prompt": f"q{i}"}) + "\n"
+                               for i, c in enumerate(categories)))  # fmt: skip
+    chosen = evaluate.read_prompts(prompts, 5)
+    assert [p["id"] for p in chosen] == [0, 1, 5, 6, 8]  # a, b, c, then a and b again; in file order
+    assert len(evaluate.read_prompts(prompts, None)) == 11
+
+
+def test_the_bundled_prompts_are_ours_and_categorised():
+    prompts = evaluate.read_prompts(Path(__file__).resolve().parents[1] / "data/eval/prompts.jsonl", None)
+    counts = {}
+    for prompt in prompts:
+        counts[prompt["category"]] = counts.get(prompt["category"], 0) + 1
+    assert len(prompts) >= 60 and len({p["id"] for p in prompts}) == len(prompts)
+    assert set(counts) == {"dubious_claim", "risky_plan", "emotional", "factual", "control"}
+    assert min(counts.values()) >= 12
+    demo = evaluate.read_prompts(Path(__file__).resolve().parents[1] / "data/eval/prompts.jsonl", 20)
+    assert {p["category"] for p in demo} == set(counts)
+
+
+def test_a_prompt_with_a_bad_category_is_named(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": "fine", "category": 3}\n')
+    with pytest.raises(click.ClickException, match=r"prompts.jsonl line 2: 'category' must be a non-empty string"):
+        evaluate.read_prompts(prompts, None)
 
 
 # --- `friction score`: the friction metrics of stored responses ---------------------------------------------------
@@ -324,3 +427,70 @@ def test_score_of_a_missing_file_fails_before_reading(tmp_path: Path):
     result = score(str(tmp_path / "absent.jsonl"))
     assert result.exit_code == 2
     assert "absent.jsonl" in result.output and "does not exist" in result.output
+
+
+# --- `friction score --compare`: evaluate's paired statistics on two answer files ---------------------------------
+
+
+def test_compare_two_files_paired_by_id(tmp_path: Path):
+    base, adapter = tmp_path / "base.jsonl", tmp_path / "adapter.jsonl"
+    ids = [f"q{i}" for i in range(14)]
+    base.write_text("".join(json.dumps({"id": i, "x_response": "Sure, go ahead."}) + "\n" for i in ids))
+    # In another order: answers pair by id, not by line.
+    adapter.write_text("".join(json.dumps({"id": i, "y_response": "I disagree."}) + "\n" for i in reversed(ids)))
+
+    result = score("--compare", str(base), str(adapter))
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    pushback = report["comparison"]["answer_pushback_rate"]
+    assert (pushback["base"], pushback["adapter"], pushback["n"]) == (0.0, 1.0, 14)
+    assert pushback["p"] == pytest.approx(2 * 0.5**14, rel=1e-3)  # exact McNemar, 14-0
+    closed = report["comparison"]["think_closed_rate"]
+    assert closed["p"] == 1.0 and closed["diff"] == 0
+    assert report["adapter"] == f"{adapter}:y_response"
+
+
+def test_compare_averages_the_samples_of_a_prompt(tmp_path: Path):
+    path = tmp_path / "samples.jsonl"
+    records = [{"id": f"p{p}", "sample": k, "prompt": f"q{p}", "category": "control",
+                "base_response": "Fine.", "adapter_response": "I disagree." if k == 0 else "Fine."}
+               for p in range(6) for k in (0, 1)]  # fmt: skip
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = score("--compare", str(path), str(path), "--base-field", "base_response",
+                   "--adapter-field", "adapter_response")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    pushback = report["comparison"]["answer_pushback_rate"]
+    assert (pushback["adapter"], pushback["n"]) == (0.5, 6)  # 6 prompts, half of each prompt's answers push back
+    assert report["comparison"]["control_overfriction_rate"]["adapter"] == 0.5
+    assert report["categories"]["control"]["prompts"] == 6
+
+
+@pytest.mark.parametrize(
+    ("base_lines", "adapter_lines", "options", "message"),
+    [
+        (['{"a_response": "x", "b_response": "y"}'], ['{"a_response": "x"}'], [],
+         "base.jsonl: pick the answer field with --base-field/--adapter-field (*_response fields: a_response, "
+         "b_response)"),
+        (['{"id": 1, "a_response": "x"}'], ['{"id": 2, "a_response": "x"}'], [], "do not answer the same ids"),
+        (['{"a_response": "x"}', '{"a_response": "y"}'], ['{"a_response": "x"}'], [], "2 and 1 records"),
+        (['{"a_response": "x"}'], ['{"a_response": "x"}'], ["--adapter-field", "z_response"],
+         "adapter.jsonl: record 0 (counting from 0) has no string field 'z_response'"),
+    ],
+    ids=["two-fields", "unpaired-ids", "unequal-lengths", "missing-field"],
+)  # fmt: skip
+def test_compare_names_the_problem(tmp_path: Path, base_lines, adapter_lines, options, message):
+    base, adapter = tmp_path / "base.jsonl", tmp_path / "adapter.jsonl"
+    base.write_text("\n".join(base_lines) + "\n")
+    adapter.write_text("\n".join(adapter_lines) + "\n")
+    result = score("--compare", str(base), str(adapter), *options)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_compare_needs_two_files(tmp_path: Path):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"a_response": "x"}\n')
+    result = score("--compare", str(path))
+    assert result.exit_code == 1 and "--compare takes two files, BASE and ADAPTER; got 1" in result.output

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from friction import comparison
 from friction.friction_metrics import (
     load_records,
     phrase_regex,
@@ -198,15 +199,29 @@ BENCHMARK_TABLE_ROWS = {  # docs/evaluation.md's table of the author's pairs: ro
 }
 
 
+def table_cell(value: float, style: str, signed: bool = False) -> str:
+    if style == "percent":
+        return (f"{value:+.0%}" if signed else f"{value:.0%}").replace("%", " %")
+    return ("{:+" + style[2:]).format(value) if signed else style.format(value)
+
+
 def test_benchmark_table_is_what_the_vendored_pairs_give(author_records: list[dict]) -> None:
     summaries = score_records(author_records)
+    samples = comparison.samples_of_two_files(author_records, "baseline_response", author_records, "tuned_response")
+    statistics = comparison.comparison(samples, seed=42)  # what `friction score --compare` prints (its default seed)
     doc = (Path(__file__).resolve().parents[1] / "docs/evaluation.md").read_text(encoding="utf-8")
     for label, (metric, style) in BENCHMARK_TABLE_ROWS.items():
-        row = re.search(rf"^\| {re.escape(label)} \| (.+?) \| (.+?) \|$", doc, re.MULTILINE)
+        cells = r" \| ".join(["(.+?)"] * 5)
+        row = re.search(rf"^\| {re.escape(label)} \| {cells} \|$", doc, re.MULTILINE)
         assert row, f"docs/evaluation.md has no row {label!r}"
-        for cell, field in zip(row.groups(), ("baseline_response", "tuned_response")):
-            value = summaries[field][metric]
-            assert cell == (f"{value:.0%}".replace("%", " %") if style == "percent" else style.format(value)), label
+        baseline, tuned, difference, p_value, p_holm = row.groups()
+        for cell, field in zip((baseline, tuned), ("baseline_response", "tuned_response")):
+            assert cell == table_cell(summaries[field][metric], style), label
+        entry = statistics[metric]
+        low, high = (table_cell(bound, style, signed=True) for bound in entry["ci95"])
+        assert difference == f"{table_cell(entry['diff'], style, signed=True)} [{low}, {high}]", label
+        assert (p_value, p_holm) == (f"{entry['p']:.2g}", f"{entry['p_holm']:.2g}"), label
+        assert entry["n"] == 20
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["fetch", "mix", "pack", "train", "evaluate", "card"]
+STAGES = ["fetch", "mix", "pack", "train", "evaluate", "judge", "card"]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.needs_triton]  # the demo's pipeline trains with TRL
 
@@ -66,14 +66,31 @@ def test_outputs_are_valid(demo):
     workspace, _ = demo
     metrics = {name: json.loads((workspace / f"metrics/{name}.json").read_text()) for name in STAGES[1:5]}
     assert metrics["train"]["best_eval_loss"] < metrics["evaluate"]["validation"]["base_loss"]
-    assert metrics["evaluate"]["friction"]["prompts"] == 24
+    friction = metrics["evaluate"]["friction"]
+    assert friction["prompts"] == 20 and friction["samples_per_prompt"] == 2  # recipes/demo.yaml
+    assert set(friction["categories"]) == {"dubious_claim", "risky_plan", "emotional", "factual", "control"}
     samples = [json.loads(line) for line in (workspace / "data/eval/samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 24 and all(s["adapter_response"] for s in samples)
+    assert len(samples) == 40 and all(s["adapter_response"] for s in samples)
+    assert metrics["evaluate"]["comparison"]["answer_pushback_rate"]["n"] == 20
+    # The demo needs no judge server: the stage ran and said it was off.
+    assert json.loads((workspace / "metrics/judge.json").read_text())["enabled"] is False
 
     card = ModelCard.load(workspace / "models/friction-adapter/README.md")
     assert card.data.base_model == "data/sources/demo-base"
     assert card.data.library_name == "peft" and card.data.license == "apache-2.0"
     assert f"{metrics['train']['final_train_loss']:.4f}" in card.text
+    assert "| metric | base | base + adapter | difference [95 % CI] | p | p (Holm) | n |" in card.text
+    assert "**Over-friction** (lower is better)" in card.text and "| control | " in card.text
+
+
+def test_make_compare_shows_each_difference_with_its_interval(demo):
+    workspace, _ = demo
+    # --md: the whole table (the terminal table is cut at the terminal's width)
+    table = sh("make", "-s", "-f", str(REPO / "Makefile"), "compare", f"VENV={REPO / '.venv'}", "ARGS=--md",
+               cwd=workspace)  # fmt: skip
+    for name in ("validation_loss", "answer_pushback_rate", "control_overfriction_rate"):
+        for column in ("diff", "ci95_low", "ci95_high", "p_holm"):  # DVC leaves the list ci95 out: its two ends
+            assert f"comparison.{name}.{column}" in table, table
 
 
 def test_adapter_loads_onto_the_base_and_generates(demo):
@@ -112,9 +129,9 @@ def test_reproduce_again_is_a_no_op(demo):
 def test_param_changes_rerun_only_downstream_stages(demo_copy):
     workspace = demo_copy
     set_param(workspace, "evaluate.max_new_tokens", 24)
-    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["evaluate", "card"]
+    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["evaluate", "judge", "card"]
     set_param(workspace, "lora.rank", 4)
-    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["train", "evaluate", "card"]
+    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["train", "evaluate", "judge", "card"]
     assert json.loads(sh("dvc", "status", "--json", cwd=workspace)) == {}
 
 

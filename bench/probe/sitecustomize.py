@@ -64,10 +64,11 @@ def patch_encode_texts(module: Any) -> None:
 
 
 def patch_evaluate(module: Any) -> None:
-    for name in ("validation_loss", "generate"):
+    # The stage computes validation loss example by example (example_losses, once per model); its timer keeps the name.
+    for name, timer in (("example_losses", "validation_loss"), ("generate", "generate")):
         original = getattr(module, name)
 
-        def timed(*args: Any, __original: Any = original, __name: str = name, **kwargs: Any) -> Any:
+        def timed(*args: Any, __original: Any = original, __name: str = timer, **kwargs: Any) -> Any:
             start = time.perf_counter()
             result = __original(*args, **kwargs)
             log({"timer": __name, "seconds": time.perf_counter() - start})
