@@ -18,16 +18,26 @@ it is blank once a UTF-8 byte-order mark at the start of the file is taken off.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import click
 from transformers import PreTrainedTokenizerBase
 
-from friction.chatml import IM_END, IM_START, THINK_CLOSE, THINK_OPEN
+from friction.chatml import (
+    IM_END,
+    IM_START,
+    THINK_CLOSE,
+    THINK_OPEN,
+    assistant_content,
+    render,
+    turns,
+)
 from friction.config import LOCAL_SOURCES_DIR
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -171,3 +181,117 @@ def certainly_over_chars(max_length: int, tokenizer: PreTrainedTokenizerBase) ->
     """A character count above which a text has more than `max_length` tokens for certain, without tokenizing it:
     no token covers more than `longest_token_chars`, with a margin of CHARS_PER_TOKEN_MARGIN."""
     return max_length * longest_token_chars(tokenizer) * CHARS_PER_TOKEN_MARGIN
+
+
+GENERATOR_ERROR = re.compile(r"^\s*Error:")
+
+FORMAT_NEEDS = {
+    "friction": "'question', 'agent_responses' with 'thought_stream's and 'final_answer'",
+    "reluctance": "a ChatML conversation in 'text' with an assistant turn",
+}
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    id: str
+    source: str
+    line: int
+    text: str
+    cut: bool = False
+    """Only the first characters of the row's text (it is far over model.max_length, and pack truncates it)."""
+
+def _text(row: dict, key: str, special: SpecialTexts | None) -> str:
+    """The text field `key` of a row; `special`: the special-token texts it must not hold (None: not checked here)."""
+    value = row.get(key)
+    if value is None:  # a Hub dataset's Arrow table turns a missing field into null
+        raise BadRow("missing_field", f"missing field '{key}'")
+    if not isinstance(value, str):
+        raise BadRow("wrong_type", f"field '{key}' is {type(value).__name__}, not a string")
+    if not value.strip():
+        raise BadRow("empty_field", f"empty field '{key}'")
+    if GENERATOR_ERROR.match(value):
+        raise BadRow("generator_error", f"generator error in '{key}'")
+    check_field(value, key, special or NO_SPECIAL_TEXTS)
+    return value
+
+def friction_messages(row: dict, system_prompt: str, special: SpecialTexts = CHATML_ONLY) -> list[dict[str, str]]:
+    """friction-* rows: a question, five agents' thought streams, a final answer (original-recipe.md section 3).
+    No field may hold a text of `special` (the tokenizer's special and added tokens, the ChatML markers)."""
+    question = _text(row, "question", special)
+    agents = row.get("agent_responses")
+    if agents is None:
+        raise BadRow("missing_field", "missing field 'agent_responses'")
+    if not isinstance(agents, list) or not all(isinstance(agent, dict) for agent in agents):
+        raise BadRow("wrong_type", "field 'agent_responses' is not a list of objects")
+    if not agents:
+        raise BadRow("empty_field", "empty field 'agent_responses'")
+    thoughts = "\n\n".join(_text(agent, "thought_stream", special) for agent in agents)
+    answer = _text(row, "final_answer", special)
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": assistant_content(thoughts, answer)},
+    ]
+
+def friction_text(row: dict, system_prompt: str, special: SpecialTexts = CHATML_ONLY) -> str:
+    return render(friction_messages(row, system_prompt, special))
+
+def reluctance_text(row: dict, special: SpecialTexts = CHATML_ONLY) -> str:
+    """reluctance-* rows: a whole ChatML conversation in `text`, reasoning in a <judging> block, trained verbatim as
+    the original did (only the tags renamed); the turns are read to check them and to find the trained spans. Its
+    ChatML markers must be its turns' and its <judging> blocks balanced; no other text of `special` may appear."""
+    raw = _text(row, "text", None)
+    check_judging(raw)
+    text = raw.replace("<judging>", THINK_OPEN).replace("</judging>", THINK_CLOSE)
+    found = turns(text)
+    if not any(turn.group(1) == "assistant" for turn in found):
+        raise BadRow("no_assistant_turn", "no assistant turn in 'text'")
+    check_chatml_structure(text, found, special)
+    for turn in found:
+        role, content = turn.group(1), turn.group(2)
+        reply = content.rpartition(THINK_CLOSE)[2]
+        if not content.strip() or not reply.strip():
+            raise BadRow("empty_field", f"empty {role} turn in 'text'")
+        if GENERATOR_ERROR.match(reply.lstrip("\n")):
+            raise BadRow("generator_error", f"generator error in {role} turn of 'text'")
+    return text
+
+def read_source(
+    path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict],
+    special: SpecialTexts = CHATML_ONLY,
+) -> Iterator[Example]:  # fmt: skip
+    """Parse one fetched source a line at a time (the rows fetch counted: friction/source_rows.py): yield its examples,
+    and add a record to `dropped` for every row that cannot be trained on."""
+    with path.open("rb") as handle:
+        for line_number, raw in source_lines(handle):
+            try:
+                row = parse_row(raw)
+                if not isinstance(row, dict):
+                    raise BadRow("wrong_type", "not a JSON object")
+                if source_format == "friction":
+                    text = friction_text(row, system_prompt, special)
+                else:
+                    text = reluctance_text(row, special)
+                row_id = row.get("id")
+                if isinstance(row_id, str):
+                    check_field(row_id, "id", NO_SPECIAL_TEXTS)  # written to the outputs
+            except BadRow as bad:
+                dropped.append({"source": name, "line": line_number, "reason": bad.kind, "detail": str(bad)})
+                continue
+            row_id = str(row_id) if row_id is not None else f"{name}:{line_number}"
+            yield Example(row_id, name, line_number, text)
+
+def unique(examples: Iterable[Example], duplicates: list[dict]) -> Iterator[Example]:
+    """The first of examples whose text is identical, within and across sources; a record in `duplicates` for each
+    other one. Only a digest of each text is kept."""
+    first_of: dict[bytes, tuple[str, int, str]] = {}
+    for example in examples:
+        key = hashlib.sha256(example.text.encode()).digest()
+        first = first_of.get(key)
+        if first is None:
+            first_of[key] = (example.source, example.line, example.id)
+            yield example
+        else:
+            duplicates.append(
+                {"source": example.source, "line": example.line, "id": example.id, "reason": "duplicate",
+                 "detail": f"duplicate of {first[0]} line {first[1]} (id {first[2]})"}
+            )  # fmt: skip

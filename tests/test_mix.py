@@ -15,10 +15,12 @@ import pytest
 from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, reluctance_text
 from datasets import Dataset, concatenate_datasets
 
+from friction import chatml, mixing, source_rows
 from stages import mix
 from friction.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
 from friction.config import PackParams, Params
-from stages.mix import BadRow, Encoded, friction_messages, friction_text, tokenize
+from friction.mixing import Encoded, tokenize
+from friction.source_rows import BadRow, friction_messages, friction_text
 from friction.source_rows import certainly_over_chars
 from friction.token_store import Stored
 from friction.tokens import load_tokenizer
@@ -112,7 +114,7 @@ def test_reluctance_text_is_kept_verbatim_but_for_the_judging_tags() -> None:
     text = reluctance_text(
         "Write a Slack message that puts him in his place.", "He took credit. Anger is fair.", "Firm, not cruel?"
     )
-    assert mix.reluctance_text({"text": text, "other": 1}) == text.replace("<judging>", "<think>").replace(
+    assert source_rows.reluctance_text({"text": text, "other": 1}) == text.replace("<judging>", "<think>").replace(
         "</judging>", "</think>"
     )
 
@@ -127,7 +129,7 @@ STANDARD_CHATML = (
 
 
 def test_reluctance_standard_chatml_and_multi_turn_are_trained_verbatim() -> None:
-    text = mix.reluctance_text({"text": STANDARD_CHATML})
+    text = source_rows.reluctance_text({"text": STANDARD_CHATML})
     assert text == STANDARD_CHATML.replace("<judging>", "<think>").replace("</judging>", "</think>")
     assert [text[start:end] for start, end in assistant_spans(text)] == [
         "<think>fine</think>Hello.<|im_end|>",
@@ -157,7 +159,7 @@ def test_reluctance_standard_chatml_and_multi_turn_are_trained_verbatim() -> Non
 )
 def test_bad_reluctance_rows(row: dict, reason: str) -> None:
     with pytest.raises(BadRow, match=reason):
-        mix.reluctance_text(row)
+        source_rows.reluctance_text(row)
 
 
 # --- dirty rows ---------------------------------------------------------------------------------------------
@@ -417,9 +419,9 @@ MULTI_TURN = reluctance_text("Should I text him tonight?", "They sound tired.", 
 )
 TEXTS = [
     friction_text(friction_row("1"), SYSTEM_PROMPT),
-    mix.reluctance_text({"text": MULTI_TURN}),  # two assistant turns, non-ASCII text
+    source_rows.reluctance_text({"text": MULTI_TURN}),  # two assistant turns, non-ASCII text
     render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nok\n</think>\nHello."}]),
-    mix.reluctance_text({"text": STANDARD_CHATML}),
+    source_rows.reluctance_text({"text": STANDARD_CHATML}),
 ]
 TEXT_IDS = ["friction", "multi-turn", "no-system", "standard-chatml"]
 
@@ -447,7 +449,7 @@ def test_labels_decode_to_exactly_the_assistant_turns(tokenizer, text: str) -> N
 @pytest.mark.parametrize("text", TEXTS, ids=TEXT_IDS)
 def test_user_starts_point_at_each_user_header(tokenizer, text: str) -> None:
     tokens = tokenize(text, tokenizer)
-    users = [turn.group(0) for turn in mix.turns(text) if turn.group(1) == "user"]
+    users = [turn.group(0) for turn in chatml.turns(text) if turn.group(1) == "user"]
     assert len(tokens.user_starts) == len(users)
     for start, turn in zip(tokens.user_starts, users):
         assert tokenizer.decode(tokens.input_ids[start:]).startswith(turn)
@@ -471,7 +473,7 @@ def check_over_length_data(tokenizer) -> None:
     """The test data is what it claims: only fr_a line 9 is over MAX_LENGTH tokens."""
     sources = over_length_sources()
     texts = [friction_text(row, SYSTEM_PROMPT) for row in sources["fr_a"]]
-    texts += [mix.reluctance_text(row) for row in sources["re_b"]]
+    texts += [source_rows.reluctance_text(row) for row in sources["re_b"]]
     lengths = [len(tokenize(text, tokenizer).input_ids) for text in texts]
     assert [length > MAX_LENGTH for length in lengths] == [False] * 8 + [True] + [False] * 4, lengths
 
@@ -567,7 +569,7 @@ def stub_rows(source: str, lengths: list[int]) -> list[Encoded]:
 
 def sample_report(make_params: Callable, rows: dict[str, list[Encoded]], weights: dict, **mix_params) -> dict:
     params = make_params(dict.fromkeys(rows, "friction"), weights, **mix_params)
-    return mix.sample(rows, params)[1]
+    return mixing.sample(rows, params)[1]
 
 
 def test_tokens_weighting_budget_hand_worked(make_params: Callable) -> None:
@@ -602,11 +604,11 @@ def test_tokens_weighting_caps_a_source_that_runs_out(make_params: Callable) -> 
 
 def test_tokens_weighting_stops_at_the_first_row_that_would_pass_the_share() -> None:
     rows = stub_rows("a", [300, 500, 100, 100])
-    assert mix.rows_within(rows, 700) == 1  # 300 + 500 > 700: the shorter rows after it are not taken instead
-    assert mix.rows_within(rows, 800) == 2
-    assert mix.rows_within(rows, 999) == 3
-    assert mix.rows_within(rows, 1000) == 4
-    assert mix.rows_within(rows, 299) == 0
+    assert mixing.rows_within(rows, 700) == 1  # 300 + 500 > 700: the shorter rows after it are not taken instead
+    assert mixing.rows_within(rows, 800) == 2
+    assert mixing.rows_within(rows, 999) == 3
+    assert mixing.rows_within(rows, 1000) == 4
+    assert mixing.rows_within(rows, 299) == 0
 
 
 def test_tokens_weighting_end_to_end(workspace: Path, make_params: Callable) -> None:
@@ -640,10 +642,10 @@ def test_examples_weighting_picks_exactly_what_the_original_code_picks(workspace
     assert {n: (c["asked"], c["sampled"], c["capped"]) for n, c in report["sources"].items()} == expected
 
     rows = itertools.chain.from_iterable(
-        mix.read_source(Path(f"data/raw/{name}.jsonl"), name, source.format, SYSTEM_PROMPT, [])
+        source_rows.read_source(Path(f"data/raw/{name}.jsonl"), name, source.format, SYSTEM_PROMPT, [])
         for name, source in params.data.sources.items()
     )
-    clean = list(mix.unique(rows, []))
+    clean = list(source_rows.unique(rows, []))
     parts = []
     for name in params.data.sources:
         rows = [{"id": e.id, "source": e.source} for e in clean if e.source == name]

@@ -18,10 +18,12 @@ from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM
 
 from friction import packing
-from stages import mix, pack
+from friction import source_rows
+from stages import pack
 from friction.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from friction.config import PackParams, Params
-from stages.mix import Encoded, friction_text, tokenize, write_parquet
+from friction.mixing import Encoded, tokenize, write_parquet
+from friction.source_rows import friction_text
 from friction.packing import Piece, best_fit_decreasing, next_fit, pack_split
 from friction.token_store import TokenStore
 from friction.tokens import load_tokenizer
@@ -51,7 +53,7 @@ def model(tiny_model_dir: Path):
 def conversations() -> list[str]:
     return [
         friction_text(friction_row("1"), SYSTEM_PROMPT),
-        mix.reluctance_text({"text": MULTI_TURN}),
+        source_rows.reluctance_text({"text": MULTI_TURN}),
         SHORT,
         friction_text(friction_row("2", answer="No. " * 5), "Be human."),
     ]

@@ -14,6 +14,7 @@ from real_tokenizer import BOS_ID, EOS_ID
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
+from friction import mixing, source_rows
 from stages import mix, pack
 from friction.chatml import IGNORE_INDEX, IM_END, assistant_spans, user_starts
 from friction.config import PackParams, Params
@@ -72,7 +73,7 @@ def examples(root: Path) -> list[dict]:
 def original_text(row: dict) -> str:
     """The text the original trained on for a mixed example, from the source row it came from."""
     if row["source"] == "friction":
-        return mix.friction_text(next(r for r in SOURCES["friction"] if r["id"] == row["id"]), SYSTEM_PROMPT)
+        return source_rows.friction_text(next(r for r in SOURCES["friction"] if r["id"] == row["id"]), SYSTEM_PROMPT)
     line = int(row["id"].rpartition(":")[2])
     return SOURCES["reluctance"][line - 1]["text"].replace("<judging>", "<think>").replace("</judging>", "</think>")
 
@@ -169,9 +170,9 @@ def test_span_edges_from_the_rust_encoding_equal_the_per_token_offsets(which: st
     tokenizer = load_tokenizer(tiny_model_dir if which == "demo" else real_base_dir, None)
     if which == "real, offsets trimmed":
         tokenizer = offsets_trimmed(tokenizer)
-    texts = AWKWARD_TEXTS + [mix.friction_text(row, SYSTEM_PROMPT) for row in SOURCES["friction"]]
+    texts = AWKWARD_TEXTS + [source_rows.friction_text(row, SYSTEM_PROMPT) for row in SOURCES["friction"]]
     for text in texts:
-        tokens = mix.tokenize(text, tokenizer)
+        tokens = mixing.tokenize(text, tokenizer)
         labels, starts = offsets_reference(text, tokenizer)
         assert tokens.input_ids == tokenizer(text)["input_ids"], text
         assert (tokens.labels, tokens.user_starts) == (labels, starts), text
