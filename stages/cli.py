@@ -109,6 +109,19 @@ def card(metrics_dir: Path, manifest: Path, adapter: Path, live: Path, out: Path
     stage.run(params, metrics_dir, manifest, adapter, live, out)
 
 
+@main.command()
+@path_option("--adapter", "Output of card: the published adapter folder.")
+@path_option("--manifest", "Output of fetch: names the base model, whose vocabulary the engines use.")
+@path_option("--out", "The GGUF LoRA, the Ollama Modelfile, a llama.cpp chat template and README.md.")
+def export(adapter: Path, manifest: Path, out: Path) -> None:
+    """Write the adapter for llama.cpp, Ollama and vLLM: GGUF LoRA, Modelfile (template checked against the training
+    ids), commands; refuse an adapter those engines cannot load, saying why."""
+    params = load_params()
+    from stages import export as stage
+
+    stage.run(params, adapter, manifest, out)
+
+
 @main.command("demo-base")
 @path_option("--out", "Where the tiny model goes (recipes/demo.yaml's model.base).")
 @click.option("--vocab-size", default=3000, show_default=True, help="BPE vocabulary size.")
