@@ -155,7 +155,7 @@ def gguf_tensor_names(adapter: Adapter, architecture: str) -> dict[str, str]:
         if name is None:
             unknown.append(module)
         else:
-            mapped[module] = name + ".weight"
+            mapped[module] = name  # get_name keeps the suffix it matched: blk.0.attn_q.weight
     if unknown:
         raise click.ClickException(
             f"{adapter.folder}: no llama.cpp tensor for LoRA module(s) {', '.join(sorted(unknown))}"
