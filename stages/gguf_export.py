@@ -219,14 +219,23 @@ def _module_order(module: str) -> tuple[int, str]:
 # ---------------------------------------------------------------------------------------------------------- vLLM
 
 
-def vllm_rank(adapter: Adapter) -> int:
-    """--max-lora-rank: the adapter's largest rank rounded up to a value vLLM accepts."""
-    rank = max(adapter.ranks.values())
+def vllm_rank_for(ranks: list[int], where: object) -> int:
+    """--max-lora-rank: the largest of `ranks` rounded up to a value vLLM accepts; `where` names the adapter."""
+    rank = max(ranks)
     allowed = [value for value in VLLM_RANKS if value >= rank]
     if not allowed:
-        raise click.ClickException(f"{adapter.folder}: LoRA rank {rank} is above vLLM's largest max_lora_rank "
+        raise click.ClickException(f"{where}: LoRA rank {rank} is above vLLM's largest max_lora_rank "
                                    f"({VLLM_RANKS[-1]})")  # fmt: skip
     return allowed[0]
+
+
+def vllm_rank(adapter: Adapter) -> int:
+    return vllm_rank_for(list(adapter.ranks.values()), adapter.folder)
+
+
+def configured_ranks(config: dict[str, Any]) -> list[int]:
+    """The ranks an adapter_config.json declares: r and its rank_pattern's."""
+    return [int(config["r"]), *(int(rank) for rank in (config.get("rank_pattern") or {}).values())]
 
 
 def vllm_flags(adapter: Adapter) -> list[tuple[str, str]]:

@@ -187,6 +187,7 @@ def test_front_matter_has_the_hub_metadata(model_card: ModelCard, run_files):
 
 def test_every_number_on_the_card_comes_from_the_run(model_card: ModelCard, run_files):
     traceable = set().union(*(renderings(value) for value in run_values(run_files))) | TEMPLATE_NUMBERS
+    traceable.add("32")  # vLLM's --max-lora-rank: lora.rank 24 rounded up to a value vLLM accepts
     numbers = NUMBER.findall(model_card.text)
     untraced = sorted(set(numbers) - traceable)
     assert not untraced, f"numbers on the card that no run file holds: {untraced}"
@@ -258,3 +259,10 @@ def test_no_card_without_a_trained_adapter(run_files, tmp_path: Path):
         card.run(params, run_files["metrics"], run_files["manifest"], tmp_path / "none", run_files["live"],
                  tmp_path / "out")  # fmt: skip
     assert not (tmp_path / "out").exists()
+
+
+def test_the_card_gives_the_vllm_and_transformers_serve_commands(model_card: ModelCard):
+    vllm = ("vllm serve unsloth/DeepSeek-R1-Distill-Qwen-7B-unsloth-bnb-4bit --enable-lora --lora-modules "
+            "friction=models/friction-adapter --max-lora-rank 32 --tokenizer models/friction-adapter")  # fmt: skip
+    assert vllm in model_card.text  # rank 24 is above vLLM's default 16 and not a value it accepts: 32
+    assert "`friction merge --out merged/`, then `transformers serve merged/`" in model_card.text
