@@ -25,10 +25,14 @@ setup: $(STAMP)
 	@friction remote --local --if-unset $(DEFAULT_REMOTE)
 
 # torch first and alone: anything that pulls it in as a dependency would take the multi-GB CUDA build.
+# The test extra's llama-cpp-python is a source distribution: its first install compiles llama.cpp (gcc, cmake; about
+# 5 min on 2 idle cores); pip keeps the wheel in its cache (~/.cache/pip/wheels), so later installs (CI's included, on
+# the same machine) take seconds.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet torch==2.13.0
+	@echo "make setup: installing the project and its test extra (llama-cpp-python compiles once, minutes; then cached)"
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 	touch $@
 
@@ -47,6 +51,7 @@ demo: $(STAMP)
 	@echo
 	@echo "Demo done, in $(DEMO_DIR)/ (a git + DVC repository; the run is its last commit):"
 	@echo "  model:       $(DEMO_DIR)/models/friction-adapter/ (adapter, tokenizer, README.md card, loss_curves.png)"
+	@echo "  elsewhere:   $(DEMO_DIR)/models/friction-gguf/ (GGUF LoRA, Ollama Modelfile, README.md: llama.cpp, vLLM)"
 	@echo "  metrics:     $(DEMO_DIR)/metrics/ (cd $(DEMO_DIR) && dvc metrics show)"
 	@echo "  samples:     $(DEMO_DIR)/data/eval/samples.jsonl"
 	@echo "  try it:      cd $(DEMO_DIR) && friction chat 'Should I quit my job?'"

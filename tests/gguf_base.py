@@ -83,3 +83,11 @@ def write_base_gguf(model_dir: Path, out: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+if __name__ == "__main__":  # python tests/gguf_base.py data/sources/demo-base models/friction-gguf/demo-base.gguf
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python tests/gguf_base.py MODEL_DIR OUT.gguf")
+    print(write_base_gguf(Path(sys.argv[1]), Path(sys.argv[2])))
