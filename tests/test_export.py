@@ -146,8 +146,10 @@ def handmade_adapter(base_dir: Path, out: Path, **config) -> Path:
         for name, parameter in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 rows, columns = np.indices(parameter.shape)
-                known = (rows + 1) / 8 * np.sin(columns) if ".lora_A." in name else np.cos(rows + columns) / (columns + 1)
-                parameter.copy_(torch.from_numpy(known))
+                if ".lora_A." in name:
+                    parameter.copy_(torch.from_numpy((rows + 1) / 8 * np.sin(columns)))
+                else:
+                    parameter.copy_(torch.from_numpy(np.cos(rows + columns) / (columns + 1)))
     model.save_pretrained(str(out))
     return out
 
@@ -178,7 +180,8 @@ def test_handmade_adapter_gives_its_known_deltas_in_every_type(tiny_model_dir, t
     known = {}
     for layer in (0, 1):
         known[f"blk.{layer}.attn_q.weight"] = known_delta(2, hidden, hidden, 6 / math.sqrt(2))  # rsLoRA: alpha/sqrt(r)
-        known[f"blk.{layer}.ffn_down.weight"] = known_delta(4, inner, hidden, 3 / 2)  # alpha_pattern / sqrt(rank_pattern)
+        # rsLoRA applies to every module: alpha_pattern's 3 over the square root of rank_pattern's 4
+        known[f"blk.{layer}.ffn_down.weight"] = known_delta(4, inner, hidden, 3 / 2)
     peft_deltas = peft_merge_deltas(tiny_model_dir, folder)
     for name, delta in known.items():
         np.testing.assert_allclose(peft_deltas[name], delta, rtol=0, atol=1e-5 * np.abs(delta).max())
@@ -237,7 +240,8 @@ def test_the_stage_refuses_a_dora_adapter_saying_why_and_writes_nothing(exported
 def test_vllm_rank_is_rounded_up_to_what_vllm_accepts(rank, flag):
     adapter = gguf_export.Adapter(Path("a"), {"lora_alpha": 16}, lora_a={"m": np.zeros((rank, 4))})
     assert gguf_export.vllm_rank(adapter) == flag
-    assert (f"--max-lora-rank {flag}", ) == tuple(f for f, _ in gguf_export.vllm_flags(adapter) if "rank" in f)
+    flags = [name for name, _ in gguf_export.vllm_flags(adapter) if name.startswith("--max-lora-rank")]
+    assert flags == [f"--max-lora-rank {flag}"]
 
 
 def test_vllm_rank_above_its_largest_is_refused():
