@@ -41,6 +41,8 @@ setup: $(STAMP)
 
 # A fresh venv with exactly the lock (every package pinned, with hashes), then this project on top without its
 # dependencies. On a CUDA machine: make setup LOCK=requirements/lock-cuda.txt
+# The test extra's llama-cpp-python is a source distribution: its first install compiles llama.cpp (gcc, cmake; about
+# 5 min on 2 idle cores); pip keeps the wheel in its cache, so later installs on the same machine take seconds.
 $(STAMP): pyproject.toml $(LOCK)
 	@! test -f $(UNSLOTH_MARK) || { echo "make: $(VENV) holds the unsloth set (make unsloth) and pyproject.toml or the lock changed; \
 	reinstalling the project would replace those pins. Rebuild both in order: rm -rf $(VENV) && make setup unsloth"; exit 2; }
@@ -71,6 +73,7 @@ demo: $(STAMP)
 	@echo
 	@echo "Demo done, in $(DEMO_DIR)/ (a git + DVC repository; the run is its last commit):"
 	@echo "  model:       $(DEMO_DIR)/models/friction-adapter/ (adapter, tokenizer, README.md card, loss_curves.png)"
+	@echo "  elsewhere:   $(DEMO_DIR)/models/friction-gguf/ (GGUF LoRA, Ollama Modelfile, README.md: llama.cpp, vLLM)"
 	@echo "  metrics:     $(DEMO_DIR)/metrics/ (cd $(DEMO_DIR) && dvc metrics show)"
 	@echo "  samples:     $(DEMO_DIR)/data/eval/samples.jsonl"
 	@echo "  try it:      cd $(DEMO_DIR) && friction chat 'Should I quit my job?'"

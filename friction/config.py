@@ -165,6 +165,15 @@ class CardParams(Section):
     tags: list[str] = []
 
 
+class ExportParams(Section):
+    gguf_type: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    """The GGUF LoRA's tensor type. q8_0 keeps in f16 the tensors whose rows are not a multiple of 32 long (lora_B's
+    rows are r long)."""
+    ollama_from: str = Field(min_length=1)
+    """The Modelfile's FROM: the Ollama library tag of the recipe's base, or a path to the base's GGUF (relative to
+    models/friction-gguf/). It must be the base the adapter was trained on."""
+
+
 class Params(Section):
     recipe: str = Field(min_length=1)
     """The recipe's name (recipes/<name>.yaml); the card says which one it ran."""
@@ -179,6 +188,7 @@ class Params(Section):
     evaluate: EvaluateParams
     judge: JudgeParams = JudgeParams()
     card: CardParams
+    export: ExportParams
 
     @model_validator(mode="after")
     def _weights_name_sources(self) -> Params:

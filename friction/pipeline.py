@@ -15,6 +15,13 @@ from ruamel.yaml import YAML, YAMLError
 
 DVC_YAML = Path("dvc.yaml")
 ARTIFACT = "friction-adapter"  # the model artifact's name in dvc.yaml; gto tags its versions `friction-adapter@v1.0.0`
+GGUF_ARTIFACT = "friction-adapter-gguf"  # the export stage's folder (GGUF LoRA, Modelfile), released with it
+
+
+def released_artifacts(path: Path = DVC_YAML) -> list[str]:
+    """The artifacts `friction release` tags together: the adapter, and its GGUF export where dvc.yaml declares it."""
+    declared = read_dvc_yaml(path).get("artifacts", {})
+    return [name for name in (ARTIFACT, GGUF_ARTIFACT) if name in declared]
 
 
 def read_dvc_yaml(path: Path = DVC_YAML) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from friction.artifacts import atomic_output, read_json
 from friction.chatml import generation_prompt
 from friction.config import Params, load_params
 from friction.pipeline import path_option
+from friction.gguf_export import configured_ranks, vllm_rank_for
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
 CARD = "README.md"
@@ -82,15 +83,17 @@ def python_string_lines(text: str) -> str:
 
 
 def build(
-    params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, loss_plot: str | None
+    params: Params, metrics_dir: Path, manifest_path: Path, adapter_dir: Path, out_dir: Path, loss_plot: str | None
 ) -> ModelCard:
-    """The card; `loss_plot` names the loss-curve image beside it, or is None when there are no curves. The judge's
-    results are shown when metrics/judge.json says it ran."""
+    """The card of the adapter trained in `adapter_dir`, published in `out_dir`; `loss_plot` names the loss-curve
+    image beside it, or is None when there are no curves. The judge's results are shown when metrics/judge.json says
+    it ran."""
     manifest = read_json(manifest_path)
     mix, pack = read_json(metrics_dir / "mix.json"), read_json(metrics_dir / "pack.json")
     train_metrics, evaluation = read_json(metrics_dir / "train.json"), read_json(metrics_dir / "evaluate.json")
     sources = source_rows(params, manifest, mix)
     base = manifest["base_model"]
+    adapter_config = read_json(adapter_dir / "adapter_config.json")
     usage_prompt = generation_prompt(
         [{"role": "system", "content": params.mix.system_prompt}, {"role": "user", "content": USAGE_QUESTION}]
     )
@@ -110,7 +113,7 @@ def build(
         params=params,
         base_model=base["location"],
         base_revision=base["resolved_revision"],
-        adapter_location=str(adapter_dir),
+        adapter_location=str(out_dir),
         sources=sources,
         source_tokens=all("tokens" in source for source in sources),
         dropped=dropped_rows(mix),
@@ -129,6 +132,7 @@ def build(
         judge=judge_report(metrics_dir),
         usage_prompt=python_string_lines(usage_prompt),
         loss_plot=loss_plot,
+        vllm_rank=vllm_rank_for(configured_ranks(adapter_config), adapter_dir / "adapter_config.json"),
     )
 
 
@@ -174,7 +178,7 @@ def run(
     if not (adapter_dir / "adapter_config.json").is_file():
         raise click.ClickException(f"{adapter_dir}: no adapter_config.json; run the train stage first (dvc repro train)")
     curves = logged_curves(live_dir)
-    card = build(params, metrics_dir, manifest_path, out_dir, LOSS_PLOT if curves else None)
+    card = build(params, metrics_dir, manifest_path, adapter_dir, out_dir, LOSS_PLOT if curves else None)
     with atomic_output(out_dir) as scratch:
         shutil.copytree(adapter_dir, scratch)
         (scratch / CARD).unlink(missing_ok=True)

@@ -219,3 +219,26 @@ def demo_copy(made_demo: tuple[Path, str, dict[str, str]], tmp_path: Path) -> Pa
     copy = tmp_path / "demo"
     shutil.copytree(made_demo[0], copy, symlinks=True)
     return copy
+
+
+@pytest.fixture(scope="session")
+def exported_demo(demo_workspace: Callable[..., Path]) -> tuple[Path, str]:
+    """A demo workspace whose adapter trained 4 steps, put where card publishes it and exported with dvc.yaml's
+    `python -m stages export` command line: (the workspace, the export's output). Tests read it, never write it."""
+    from ruamel.yaml import YAML
+
+    workspace = demo_workspace("exported-demo")
+    yaml = YAML()
+    params = yaml.load(workspace / "params.yaml")
+    params["train"]["max_steps"], params["train"]["eval_steps"] = 4, 100  # a short run: the adapter's numbers matter
+    yaml.dump(params, workspace / "params.yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
+    train = subprocess.run(stage_argv("train", REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    assert train.returncode == 0, f"train failed:\n{train.stdout[-3000:]}{train.stderr[-3000:]}"
+    # What the card stage publishes, without evaluate's minutes: the trained adapter folder as it is.
+    shutil.copytree(workspace / "models/adapter", workspace / "models/friction-adapter")
+    export = subprocess.run(stage_argv("export", REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True,
+                            text=True, check=False)  # fmt: skip
+    assert export.returncode == 0, f"export failed:\n{export.stdout[-3000:]}{export.stderr[-3000:]}"
+    return workspace, export.stdout + export.stderr

@@ -204,6 +204,7 @@ def test_front_matter_has_the_hub_metadata(model_card: ModelCard, run_files):
 
 def test_every_number_on_the_card_comes_from_the_run(model_card: ModelCard, run_files):
     traceable = set().union(*(renderings(value) for value in run_values(run_files))) | TEMPLATE_NUMBERS
+    traceable.add("32")  # vLLM's --max-lora-rank: lora.rank 24 rounded up to a value vLLM accepts
     numbers = NUMBER.findall(model_card.text)
     untraced = sorted(set(numbers) - traceable)
     assert not untraced, f"numbers on the card that no run file holds: {untraced}"
@@ -308,3 +309,10 @@ def test_the_card_shows_the_judge_when_it_ran(tmp_path: Path):
     assert f"win rate {win['value']:.4f} [{win['ci95'][0]:.4f}, {win['ci95'][1]:.4f}]" in text
     traceable = set().union(*(renderings(value) for value in run_values(paths))) | TEMPLATE_NUMBERS
     assert not sorted(set(NUMBER.findall(text)) - traceable)
+
+
+def test_the_card_gives_the_vllm_and_transformers_serve_commands(model_card: ModelCard):
+    vllm = ("vllm serve unsloth/DeepSeek-R1-Distill-Qwen-7B-unsloth-bnb-4bit --enable-lora --lora-modules "
+            "friction=models/friction-adapter --max-lora-rank 32 --tokenizer models/friction-adapter")  # fmt: skip
+    assert vllm in model_card.text  # rank 24 is above vLLM's default 16 and not a value it accepts: 32
+    assert "`friction merge --out merged/`, then `transformers serve merged/`" in model_card.text

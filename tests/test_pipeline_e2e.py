@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["fetch", "mix", "pack", "train", "evaluate", "judge", "card"]
+STAGES = ["fetch", "mix", "pack", "train", "evaluate", "judge", "card", "export"]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.needs_triton]  # the demo's pipeline trains with TRL
 
@@ -118,6 +118,9 @@ def test_demo_commits_its_baseline_run_and_keeps_checkpoints_out_of_git(demo):
     artifact = workspace / "models/friction-adapter"
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja", "README.md",
             "loss_curves.png"} <= {path.name for path in artifact.iterdir()}  # fmt: skip
+    exported = workspace / "models/friction-gguf"  # the friction-adapter-gguf artifact
+    assert {path.name for path in exported.iterdir()} == {"friction-lora-f16.gguf", "Modelfile", "chat_template.jinja",
+                                                          "README.md"}  # fmt: skip
 
 
 def test_reproduce_again_is_a_no_op(demo):
@@ -129,9 +132,9 @@ def test_reproduce_again_is_a_no_op(demo):
 def test_param_changes_rerun_only_downstream_stages(demo_copy):
     workspace = demo_copy
     set_param(workspace, "evaluate.max_new_tokens", 24)
-    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["evaluate", "judge", "card"]
+    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["evaluate", "judge", "card", "export"]
     set_param(workspace, "lora.rank", 4)
-    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["train", "evaluate", "judge", "card"]
+    assert stages_run(sh("dvc", "repro", cwd=workspace)) == ["train", "evaluate", "judge", "card", "export"]
     assert json.loads(sh("dvc", "status", "--json", cwd=workspace)) == {}
 
 

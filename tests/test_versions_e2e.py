@@ -122,6 +122,10 @@ def test_a_second_clone_gets_every_version_and_an_experiment(demo_copy: Path, en
         run("dvc", "artifacts", "get", str(origin), "friction-adapter", "--rev", version, "-o", str(got),
             cwd=tmp_path, env=env)  # fmt: skip
         assert same_tree(got, expected), version
+        exported = tmp_path / f"gguf-{version}"  # the export stage's folder is released with the same version
+        run("dvc", "artifacts", "get", str(origin), "friction-adapter-gguf", "--rev", version, "-o", str(exported),
+            cwd=tmp_path, env=env)  # fmt: skip
+        assert (exported / "Modelfile").is_file() and (exported / "friction-lora-f16.gguf").is_file(), version
 
     run("git", "checkout", "-q", "-", cwd=second, env=env)
     run("dvc", "exp", "pull", "origin", "short-answers", cwd=second, env=env)

@@ -1,6 +1,7 @@
 """Register a version of the model artifact with gto, once nobody else could fail to get it.
 
 A version is gto's annotated git tag `friction-adapter@vX.Y.Z` on HEAD; `dvc artifacts get` and `gto show` find it.
+The GGUF export (`friction-adapter-gguf`, dvc.yaml) gets the same version in a tag of its own.
 It is only worth tagging what another clone can rebuild the same way and download: a commit with no uncommitted
 change, a pipeline that is up to date with it, and the artifact's files already in the DVC remote.
 """
@@ -14,7 +15,7 @@ import subprocess
 import click
 
 from friction.commands import remote
-from friction.pipeline import ARTIFACT, artifact_path
+from friction.pipeline import ARTIFACT, artifact_path, released_artifacts
 
 SEMVER = re.compile(r"^v\d+\.\d+\.\d+$")
 
@@ -40,11 +41,13 @@ def refusal(version: str) -> str | None:
     configured = remote.current()
     if configured is None:
         return f"there is no DVC remote to pull the artifact from: {remote.describe(None)}"
-    path = artifact_path()
-    unpushed = json.loads(output_of("dvc", "status", "--cloud", "--json", str(path)) or "{}")
-    if unpushed:
-        name, url = configured
-        return f"{path} is not in DVC remote {name!r} ({url}) yet: run `dvc push` first ({len(unpushed)} files missing)"
+    for artifact in released_artifacts():
+        path = artifact_path(artifact)
+        unpushed = json.loads(output_of("dvc", "status", "--cloud", "--json", str(path)) or "{}")
+        if unpushed:
+            name, url = configured
+            return (f"{path} is not in DVC remote {name!r} ({url}) yet: run `dvc push` first ({len(unpushed)} files "
+                    "missing)")  # fmt: skip
     return None
 
 
@@ -52,9 +55,11 @@ def run(version: str) -> None:
     problem = refusal(version)
     if problem is not None:
         raise click.ClickException(f"not releasing {ARTIFACT}@{version}: {problem}")
-    message = f"{ARTIFACT} {version}"
-    output_of("gto", "register", ARTIFACT, "HEAD", "--version", version, "--message", message)
-    tag = f"{ARTIFACT}@{version}"
-    click.echo(f"registered {tag} (an annotated git tag on {output_of('git', 'rev-parse', '--short', 'HEAD').strip()})")
-    click.echo(f"publish it: git push origin {tag}")
+    commit = output_of("git", "rev-parse", "--short", "HEAD").strip()
+    tags = []
+    for artifact in released_artifacts():
+        output_of("gto", "register", artifact, "HEAD", "--version", version, "--message", f"{artifact} {version}")
+        tags.append(f"{artifact}@{version}")
+        click.echo(f"registered {tags[-1]} (an annotated git tag on {commit})")
+    click.echo(f"publish it: git push origin {' '.join(tags)}")
     click.echo(f"then anyone gets it: dvc artifacts get <git URL> {ARTIFACT} --rev {version}")
