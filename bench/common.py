@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PACKAGES = ["torch", "transformers", "trl", "peft", "datasets", "tokenizers", "pyarrow", "numpy", "dvc"]
@@ -82,8 +81,12 @@ def run_measured(command: list[str], cwd: Path, env: dict[str, str] | None = Non
 
 
 def bench_env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
-            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONHASHSEED": "0",
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -94,8 +97,14 @@ def machine() -> dict[str, Any]:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
         cpu = names[0] if names else cpu
     memory = Path("/proc/meminfo")
-    total = next((int(line.split()[1]) / 2**20 for line in memory.read_text().splitlines()
-                  if line.startswith("MemTotal")), None) if memory.exists() else None  # fmt: skip
+    total = (
+        next(
+            (int(line.split()[1]) / 2**20 for line in memory.read_text().splitlines() if line.startswith("MemTotal")),
+            None,
+        )
+        if memory.exists()
+        else None
+    )
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -50,9 +50,11 @@ def card_scale_examples(seed: int = 0) -> TokenColumns:
 
 def with_strategy(params: Params, strategy: str, max_length: int) -> Params:
     return params.model_copy(
-        update={"model": params.model.model_copy(update={"max_length": max_length}),
-                "pack": params.pack.model_copy(update={"strategy": strategy})}
-    )  # fmt: skip
+        update={
+            "model": params.model.model_copy(update={"max_length": max_length}),
+            "pack": params.pack.model_copy(update={"strategy": strategy}),
+        }
+    )
 
 
 def layouts(examples: TokenColumns, params: Params, bos: int | None, max_length: int) -> dict[str, Any]:
@@ -65,8 +67,9 @@ def layouts(examples: TokenColumns, params: Params, bos: int | None, max_length:
     out["original_over_ours_row_slots"] = out["original_stacked"]["row_slots"] / out["ours_bfd"]["row_slots"]
     out["original_over_ours_padded_slots"] = (
         out["original_stacked"]["padded_slots"] / out["ours_bfd"]["padded_slots"]
-        if out["ours_bfd"]["padded_slots"] else None
-    )  # fmt: skip
+        if out["ours_bfd"]["padded_slots"]
+        else None
+    )
     return out
 
 
@@ -103,10 +106,16 @@ def run(params: Params, demo_mixed: Path, runs: int) -> dict[str, Any]:
     demo, bos = read_split(demo_mixed / "train.parquet", params)
     card = card_scale_examples()
     return {
-        "demo": {"examples": len(demo), "max_length": params.model.max_length,
-                 **layouts(demo, params, bos, params.model.max_length),
-                 "against_trl": against_trl(demo, params, params.model.max_length, runs)},
-        "card_scale": {"examples": len(card), "max_length": CARD_MAX_LENGTH,
-                       **layouts(card, params, bos, CARD_MAX_LENGTH),
-                       "against_trl": against_trl(card, params, CARD_MAX_LENGTH, runs)},
-    }  # fmt: skip
+        "demo": {
+            "examples": len(demo),
+            "max_length": params.model.max_length,
+            **layouts(demo, params, bos, params.model.max_length),
+            "against_trl": against_trl(demo, params, params.model.max_length, runs),
+        },
+        "card_scale": {
+            "examples": len(card),
+            "max_length": CARD_MAX_LENGTH,
+            **layouts(card, params, bos, CARD_MAX_LENGTH),
+            "against_trl": against_trl(card, params, CARD_MAX_LENGTH, runs),
+        },
+    }

@@ -41,8 +41,14 @@ def probe_env(log: Path) -> dict[str, str]:
 def timed_repro(workspace: Path, env: dict[str, str]) -> dict[str, float]:
     """One `dvc repro`, and the seconds from each stage's start to the next one's (the last one's to the end)."""
     start = time.perf_counter()
-    process = subprocess.Popen(["dvc", "repro"], cwd=workspace, env={**bench_env(), **env}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=workspace,
+        env={**bench_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     starts: list[tuple[str, float]] = []
     lines = []
     for line in process.stdout or []:
@@ -57,8 +63,11 @@ def timed_repro(workspace: Path, env: dict[str, str]) -> dict[str, float]:
 
 
 def tokenization_passes(workspace: Path, log: Path) -> dict[str, Any]:
-    texts = [text for split in ("train", "validation")
-             for text in pq.read_table(workspace / f"data/mixed/{split}.parquet", columns=["text"])["text"].to_pylist()]  # fmt: skip
+    texts = [
+        text
+        for split in ("train", "validation")
+        for text in pq.read_table(workspace / f"data/mixed/{split}.parquet", columns=["text"])["text"].to_pylist()
+    ]
     import hashlib
 
     examples = {hashlib.sha256(text.encode()).hexdigest() for text in texts}
@@ -70,8 +79,13 @@ def tokenization_passes(workspace: Path, log: Path) -> dict[str, Any]:
         counts = by_stage.setdefault(record["stage"], {"example_texts": 0, "other_texts": 0})
         counts["example_texts" if record["tokenized"] in examples else "other_texts"] += 1
     passes = [per_example.get(example, 0) for example in examples]
-    return {"examples": len(examples), "min_passes": min(passes), "max_passes": max(passes),
-            "mean_passes": sum(passes) / len(passes), "texts_tokenized_by_stage": by_stage}  # fmt: skip
+    return {
+        "examples": len(examples),
+        "min_passes": min(passes),
+        "max_passes": max(passes),
+        "mean_passes": sum(passes) / len(passes),
+        "texts_tokenized_by_stage": by_stage,
+    }
 
 
 def probe_seconds(log: Path) -> Counter[str]:
@@ -100,8 +114,9 @@ def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
         return run.seconds
 
     try:
-        stage = interleaved(runs, batched=lambda: variant("batched", batch),
-                            one_at_a_time=lambda: variant("one_at_a_time", 1))  # fmt: skip
+        stage = interleaved(
+            runs, batched=lambda: variant("batched", batch), one_at_a_time=lambda: variant("one_at_a_time", 1)
+        )
     finally:
         (workspace / "params.yaml").write_text(original)
     generation = {name: [t["generate"] for t in values] for name, values in timers.items()}
@@ -112,8 +127,9 @@ def evaluation(workspace: Path, runs: int, scratch: Path) -> dict[str, Any]:
         "stage_seconds": stage,
         "generation_seconds": generation_spread,
         "validation_loss_seconds": {name: spread(values) for name, values in loss.items()},
-        "one_at_a_time_over_batched_generation": ratio(generation_spread["one_at_a_time"],
-                                                       generation_spread["batched"]),  # fmt: skip
+        "one_at_a_time_over_batched_generation": ratio(
+            generation_spread["one_at_a_time"], generation_spread["batched"]
+        ),
     }
 
 

@@ -33,7 +33,7 @@ def packing_section(packing: dict[str, Any]) -> list[str]:
         "",
         "The original: next-fit stacking in mixed order, every row padded to `model.max_length`. Ours: best-fit-"
         "decreasing, padding-free rows. Slots are rows × max_length (what a trainer pays for); padded slots are the "
-        "empty ones. TRL: `trl.data_utils.pack_dataset(dataset, max_length, \"bfd\")` on the same token ids.",
+        'empty ones. TRL: `trl.data_utils.pack_dataset(dataset, max_length, "bfd")` on the same token ids.',
         "",
         "| corpus | examples | max_length | layout | rows | fill | padded slots | original / ours, row slots | original / ours, padded slots |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -42,12 +42,20 @@ def packing_section(packing: dict[str, Any]) -> list[str]:
         part = packing[name]
         for layout, title in (("ours_bfd", "ours: bfd"), ("original_stacked", "original: stacked, padded")):
             row = part[layout]
-            ratios = (f"{part['original_over_ours_row_slots']:.3f} | {part['original_over_ours_padded_slots']:.2f}"
-                      if layout == "ours_bfd" else " | ")  # fmt: skip
-            lines.append(f"| {label} | {part['examples']:,} | {part['max_length']:,} | {title} | {row['rows']:,} | "
-                         f"{row['fill_ratio']:.3f} | {row['padded_slots']:,} | {ratios} |")  # fmt: skip
-    lines += ["", "| corpus | ours: rows, fill | TRL: rows, fill | ours s | TRL s | TRL / ours time |",
-              "|---|---|---|---:|---:|---:|"]  # fmt: skip
+            ratios = (
+                f"{part['original_over_ours_row_slots']:.3f} | {part['original_over_ours_padded_slots']:.2f}"
+                if layout == "ours_bfd"
+                else " | "
+            )
+            lines.append(
+                f"| {label} | {part['examples']:,} | {part['max_length']:,} | {title} | {row['rows']:,} | "
+                f"{row['fill_ratio']:.3f} | {row['padded_slots']:,} | {ratios} |"
+            )
+    lines += [
+        "",
+        "| corpus | ours: rows, fill | TRL: rows, fill | ours s | TRL s | TRL / ours time |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for name, label in (("demo", "demo mix"), ("card_scale", "card-scale synthetic")):
         trl = packing[name]["against_trl"]
         lines.append(
@@ -77,8 +85,11 @@ def training_section(training: dict[str, Any]) -> list[str]:
         "| lengths | steps | ours | bare TRL (same rows) | original collation | ours / original | ours / bare TRL | original / ours row slots |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    measured = [(name, label) for name, label in (("demo", "demo (1,024)"), ("card_like", "card-like (4,096)"))
-                if name in training]  # fmt: skip
+    measured = [
+        (name, label)
+        for name, label in (("demo", "demo (1,024)"), ("card_like", "card-like (4,096)"))
+        if name in training
+    ]
     for name, label in measured:
         part = training[name]
         rates = part["tokens_per_s"]
@@ -107,8 +118,10 @@ def pipeline_section(pipeline: dict[str, Any]) -> list[str]:
     stages = pipeline["make_demo_seconds"]
     tokens = pipeline["tokenization"]
     generation = evaluation["one_at_a_time_over_batched_generation"]
-    by_stage = ", ".join(f"{stage}: {counts['example_texts']} example texts, {counts['other_texts']} other texts"
-                         for stage, counts in tokens["texts_tokenized_by_stage"].items())  # fmt: skip
+    by_stage = ", ".join(
+        f"{stage}: {counts['example_texts']} example texts, {counts['other_texts']} other texts"
+        for stage, counts in tokens["texts_tokenized_by_stage"].items()
+    )
     return [
         "### 3. Evaluation: batched generation against one prompt at a time",
         "",
@@ -156,7 +169,7 @@ def scaling_section(scaling: dict[str, Any]) -> list[str]:
         "",
         "Synthetic sources of the demo's lengths (bench/corpus.py), the demo base's tokenizer, every clean row mixed "
         "(`mix.target_max` unbounded). Each stage a process of its own; peak memory is that process's maxrss. "
-        "\"in the tokenizer\": the seconds mix spends in the fast tokenizer's encoding of its batches "
+        '"in the tokenizer": the seconds mix spends in the fast tokenizer\'s encoding of its batches '
         "(`friction.tokens.encode_texts`, timed by bench/probe in the same run), and their share of mix's wall time.",
         "",
         "| examples | real tokens | mix s | in the tokenizer s | tokenizer share | pack s | peak GiB mix / pack |",
@@ -171,14 +184,19 @@ def scaling_section(scaling: dict[str, Any]) -> list[str]:
         )
     growth = "; ".join(f"{g['from']:,}→{g['to']:,}: mix n^{g['exponent']}" for g in scaling["mix_growth"])
     growth_pack = "; ".join(f"pack n^{g['exponent']}" for g in scaling["pack_growth"])
-    memory = "; ".join(f"{m['from']:,}→{m['to']:,}: mix {m['mix_gib'] * 1024:.1f} MiB, pack {m['pack_gib'] * 1024:.1f} MiB"
-                       for m in scaling["memory_per_1000_examples"])  # fmt: skip
+    memory = "; ".join(
+        f"{m['from']:,}→{m['to']:,}: mix {m['mix_gib'] * 1024:.1f} MiB, pack {m['pack_gib'] * 1024:.1f} MiB"
+        for m in scaling["memory_per_1000_examples"]
+    )
     lines += ["", f"Growth of time: {growth}; {growth_pack}. Memory per 1,000 examples: {memory}.", ""]
     largest = scaling["points"][-1]
     if largest["examples"] >= 1_000_000:
         peak = max(largest["mix_peak_gib"]["median"], largest["pack_peak_gib"]["median"])
-        lines += [f"Peak memory at {largest['examples']:,} examples under {MEMORY_TARGET_GIB:g} GiB each: "
-                  f"{verdict(peak, MEMORY_TARGET_GIB, at_least=False)}.", ""]  # fmt: skip
+        lines += [
+            f"Peak memory at {largest['examples']:,} examples under {MEMORY_TARGET_GIB:g} GiB each: "
+            f"{verdict(peak, MEMORY_TARGET_GIB, at_least=False)}.",
+            "",
+        ]
     return lines
 
 
@@ -197,16 +215,22 @@ def section(result: dict[str, Any], raw: Path) -> str:
         "",
         f"Load average (1, 5, 15 min) before: {load_before}; after: {load_after}. "
         # The 1-minute figure at the start: the 5- and 15-minute ones still remember work that has ended.
-        + ("Other work was running when it started (1-minute load above half the cores): absolute times are "
-           "inflated; the ratios come from the two sides run in turn and are what to read."
-           if machine["load_average"][0] > (machine["cores"] or 1) * 0.5 else "The machine was otherwise idle."),
+        + (
+            "Other work was running when it started (1-minute load above half the cores): absolute times are "
+            "inflated; the ratios come from the two sides run in turn and are what to read."
+            if machine["load_average"][0] > (machine["cores"] or 1) * 0.5
+            else "The machine was otherwise idle."
+        ),
         "",
         "Every comparison runs its two sides in the same `make bench`, interleaved (alternating which goes first), "
         "and gives the median and, in brackets, the range.",
         "",
         *packing_section(result["packing"]),
-        *(training_section(result["training"]) if "training" in result else
-          ["### 2. Training", "", "Not measured in this run.", ""]),
+        *(
+            training_section(result["training"])
+            if "training" in result
+            else ["### 2. Training", "", "Not measured in this run.", ""]
+        ),
         *pipeline_section(result["pipeline"]),
         *scaling_section(result["scaling"]),
         END,

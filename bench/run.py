@@ -30,16 +30,39 @@ from friction.config import load_params  # noqa: E402
 @click.option("--scratch", type=click.Path(path_type=Path), default=REPO / "build/bench/scratch")
 @click.option("--results", type=click.Path(path_type=Path), default=REPO / "bench/results")
 @click.option("--benchmarks", type=click.Path(path_type=Path), default=REPO / "BENCHMARKS.md")
-@click.option("--only", default="pipeline,packing,training,scaling",
-              help="Parts to run, comma-separated; with --resume the others are kept from that result.")
-@click.option("--resume", type=click.Path(exists=True, path_type=Path), default=None,
-              help="A result file to add the parts run to.")
-@click.option("--render", "render_only", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Rewrite BENCHMARKS.md's CPU section from this result file and stop.")  # fmt: skip
-def main(runs: int, scaling_sizes: str, single_run_from: int, scratch: Path, results: Path, benchmarks: Path,
-         only: str, resume: Path | None, render_only: Path | None) -> None:  # fmt: skip
+@click.option(
+    "--only",
+    default="pipeline,packing,training,scaling",
+    help="Parts to run, comma-separated; with --resume the others are kept from that result.",
+)
+@click.option(
+    "--resume",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A result file to add the parts run to.",
+)
+@click.option(
+    "--render",
+    "render_only",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Rewrite BENCHMARKS.md's CPU section from this result file and stop.",
+)
+def main(
+    runs: int,
+    scaling_sizes: str,
+    single_run_from: int,
+    scratch: Path,
+    results: Path,
+    benchmarks: Path,
+    only: str,
+    resume: Path | None,
+    render_only: Path | None,
+) -> None:
     if render_only:
-        report.update_benchmarks(benchmarks, json.loads(render_only.read_text()), render_only.resolve().relative_to(REPO))
+        report.update_benchmarks(
+            benchmarks, json.loads(render_only.read_text()), render_only.resolve().relative_to(REPO)
+        )
         return
     result: dict = {"started": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "seconds": {}}
     if resume:

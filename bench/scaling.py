@@ -27,16 +27,20 @@ from bench.common import (
     stage_command,
 )
 from bench.corpus import SOURCES, write_sources
-from friction.demo import build_workspace
 from bench.pipeline import probe_env, probe_seconds
+from friction.demo import build_workspace
 
 NO_HASHES = {"FRICTION_BENCH_PROBE_HASHES": "0"}  # only the encoding's seconds: a digest of every text would cost more
 
 SCALING_PARAMS = {
-    "data": {"sources": {name: {"path": f"data/sources/synthetic/{name}.jsonl", "format": source_format}
-                         for name, source_format in SOURCES.items()}},
+    "data": {
+        "sources": {
+            name: {"path": f"data/sources/synthetic/{name}.jsonl", "format": source_format}
+            for name, source_format in SOURCES.items()
+        }
+    },
     "mix": {"target_max": 10**9},  # every clean row goes through: the mix asks for 90 % of them
-}  # fmt: skip
+}
 
 
 def measure(workspace: Path, size: int, runs: int) -> dict[str, Any]:
@@ -67,10 +71,15 @@ def measure(workspace: Path, size: int, runs: int) -> dict[str, Any]:
 def growth(points: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     """The exponent of time in examples between consecutive sizes (1: linear)."""
     return [
-        {"from": a["examples"], "to": b["examples"],
-         "exponent": round(math.log(b[key]["median"] / a[key]["median"]) / math.log(b["examples"] / a["examples"]), 3)}
+        {
+            "from": a["examples"],
+            "to": b["examples"],
+            "exponent": round(
+                math.log(b[key]["median"] / a[key]["median"]) / math.log(b["examples"] / a["examples"]), 3
+            ),
+        }
         for a, b in itertools.pairwise(points)
-    ]  # fmt: skip
+    ]
 
 
 def run(sizes: list[int], runs: int, single_run_from: int, scratch: Path) -> dict[str, Any]:
@@ -81,11 +90,18 @@ def run(sizes: list[int], runs: int, single_run_from: int, scratch: Path) -> dic
         points.append(measure(workspace, size, 1 if size >= single_run_from else runs))
         click.echo(f"scaling: {size} examples measured in {time.perf_counter() - started:.0f} s", err=True)
     per_thousand = [
-        {"from": a["examples"], "to": b["examples"],
-         "mix_gib": (b["mix_peak_gib"]["median"] - a["mix_peak_gib"]["median"]) / (b["examples"] - a["examples"]) * 1000,
-         "pack_gib": (b["pack_peak_gib"]["median"] - a["pack_peak_gib"]["median"]) / (b["examples"] - a["examples"]) * 1000}
+        {
+            "from": a["examples"],
+            "to": b["examples"],
+            "mix_gib": (b["mix_peak_gib"]["median"] - a["mix_peak_gib"]["median"])
+            / (b["examples"] - a["examples"])
+            * 1000,
+            "pack_gib": (b["pack_peak_gib"]["median"] - a["pack_peak_gib"]["median"])
+            / (b["examples"] - a["examples"])
+            * 1000,
+        }
         for a, b in itertools.pairwise(points)
-    ]  # fmt: skip
+    ]
     return {
         "points": points,
         "mix_growth": growth(points, "mix_seconds"),

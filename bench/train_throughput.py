@@ -53,17 +53,34 @@ from friction.tiny_model import build_tiny_model, corpus_from_jsonl  # noqa: E40
 
 # Published configs; the tokenizer stays tiny, its ids all fall in the first rows of the embedding.
 QWEN2_5_0_5B = dict(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, max_position_embeddings=32768,
-)  # fmt: skip
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+)
 QWEN2_5_7B = dict(  # DeepSeek-R1-Distill-Qwen-7B's shape
-    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-    num_key_value_heads=4, max_position_embeddings=131072, tie_word_embeddings=False,
-)  # fmt: skip
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=131072,
+    tie_word_embeddings=False,
+)
 SHAPES = {"0.5b": QWEN2_5_0_5B, "7b": QWEN2_5_7B}
 STEPS = {"0.5b": 10, "7b": 5}  # per variant; the first step is warm-up. Sized for the attention suite's 8 minutes.
-FLOPS_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads")  # fmt: skip
+FLOPS_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 
 
 @dataclass(frozen=True)
@@ -313,9 +330,17 @@ def table(results: list[dict], peak_tflops: float) -> str:
 
 
 def measure(
-    chosen: Variant, shape_steps: int, smoke: bool, length: int, rows_per_step: int, out: Path,
-    prepared: dict[str, tuple[Path, Path, dict, float]], timeout: int, peak_tflops: float, ceiling: float | None,
-) -> dict:  # fmt: skip
+    chosen: Variant,
+    shape_steps: int,
+    smoke: bool,
+    length: int,
+    rows_per_step: int,
+    out: Path,
+    prepared: dict[str, tuple[Path, Path, dict, float]],
+    timeout: int,
+    peak_tflops: float,
+    ceiling: float | None,
+) -> dict:
     """Train `chosen` for `shape_steps` steps (its base and rows built on first use of its shape, kept in `prepared`)
     and add MFU to what train.json says."""
     name, shape_name = chosen.name, chosen.shape
@@ -356,7 +381,7 @@ def measure(
 @click.option("--smoke", is_flag=True, help="Tiny bases on a CPU: checks this script, measures nothing useful.")
 def main(
     out: Path, suite: str, variants: tuple[str, ...], steps: int | None, timeout: int, peak_tflops: float, smoke: bool
-) -> None:  # fmt: skip
+) -> None:
     """Train each variant for a few optimizer steps and print tokens/s, step time, peak memory and MFU."""
     chosen = [VARIANTS[name] for name in variants] if variants else SUITES[suite]
     yaml = YAML(typ="safe")
@@ -378,8 +403,18 @@ def main(
             result = {"variant": name, "shape": shape_name, "skipped": reason}
         else:
             try:
-                result = measure(chosen_variant, steps or STEPS[shape_name], smoke, length, rows_per_step, out,
-                                 prepared, timeout, peak_tflops, ceiling)  # fmt: skip
+                result = measure(
+                    chosen_variant,
+                    steps or STEPS[shape_name],
+                    smoke,
+                    length,
+                    rows_per_step,
+                    out,
+                    prepared,
+                    timeout,
+                    peak_tflops,
+                    ceiling,
+                )
             except Exception:  # noqa: BLE001 - one variant that cannot be built or run must not cost the others
                 error = traceback.format_exc()
                 (out / name).mkdir(parents=True, exist_ok=True)

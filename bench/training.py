@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleaved, ratio, run_measured, stage_command  # noqa: E402
 from friction.demo import update_params  # noqa: E402
 
-STEPS = {"demo": 8, "card_like": 8}  # optimizer steps per run; the first one (warm-up) is not counted, the median of the
+STEPS = {
+    "demo": 8,
+    "card_like": 8,
+}  # optimizer steps per run; the first one (warm-up) is not counted, the median of the
 # other seven is steady against a step that jitters (with three steps, two were measured: one slow step moved the median)
 
 
@@ -51,8 +54,14 @@ def ours(workspace: Path, packed: Path, scratch: Path, count: list[int], whole_r
     count[0] += 1
     out = scratch / f"ours-{count[0]}"
     shutil.rmtree(out, ignore_errors=True)
-    command = stage_command("train", packed=packed, adapter=out / "adapter", checkpoints=out / "checkpoints",
-                            live=out / "dvclive", metrics=out / "train.json")  # fmt: skip
+    command = stage_command(
+        "train",
+        packed=packed,
+        adapter=out / "adapter",
+        checkpoints=out / "checkpoints",
+        live=out / "dvclive",
+        metrics=out / "train.json",
+    )
     run_measured(command, workspace)
     metrics = json.loads((out / "train.json").read_text())
     whole_run.append(metrics["train_tokens_per_s"])
@@ -72,9 +81,12 @@ def compare(workspace: Path, bfd: Path, stacked: Path, runs: int, scratch: Path)
         bare_trl=lambda: other("bare_trl", workspace, bfd),
         original=lambda: other("original", workspace, stacked),
     )
-    return {"tokens_per_s": rates, "ours_whole_run_tokens_per_s": whole_run,
-            "ours_over_original": ratio(rates["ours"], rates["original"]),
-            "ours_over_bare_trl": ratio(rates["ours"], rates["bare_trl"])}  # fmt: skip
+    return {
+        "tokens_per_s": rates,
+        "ours_whole_run_tokens_per_s": whole_run,
+        "ours_over_original": ratio(rates["ours"], rates["original"]),
+        "ours_over_bare_trl": ratio(rates["ours"], rates["bare_trl"]),
+    }
 
 
 def run(scratch: Path, runs: int) -> dict[str, Any]:
@@ -88,8 +100,9 @@ def run(scratch: Path, runs: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         for name, max_length in (("demo", 1024), ("card_like", 4096)):
-            update_params(workspace / "params.yaml", {"model": {"max_length": max_length},
-                                                      "train": {"max_steps": STEPS[name]}})
+            update_params(
+                workspace / "params.yaml", {"model": {"max_length": max_length}, "train": {"max_steps": STEPS[name]}}
+            )
             params = load_params(workspace / "params.yaml")
             examples, bos = read_split(workspace / "data/mixed/train.parquet", params)
             if name == "card_like":
@@ -98,9 +111,12 @@ def run(scratch: Path, runs: int) -> dict[str, Any]:
             write_packed(examples, params, "bfd", out / "bfd", bos)
             write_packed(examples, params, "stacked", out / "stacked", bos)
             slots = layouts(examples, params, bos, max_length)
-            results[name] = {"max_length": max_length, "steps": STEPS[name],
-                             "original_over_ours_row_slots": slots["original_over_ours_row_slots"],
-                             **compare(workspace, out / "bfd", out / "stacked", runs, out)}  # fmt: skip
+            results[name] = {
+                "max_length": max_length,
+                "steps": STEPS[name],
+                "original_over_ours_row_slots": slots["original_over_ours_row_slots"],
+                **compare(workspace, out / "bfd", out / "stacked", runs, out),
+            }
             (scratch / "training-partial.json").write_text(json.dumps(results, indent=1))  # each length as it ends
     finally:
         (workspace / "params.yaml").write_text(original_params)
@@ -113,8 +129,8 @@ def train_variant(variant: str, workspace: Path, packed: Path) -> float:
     import time
 
     import torch
-    from transformers import TrainerCallback
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from friction.chatml import IGNORE_INDEX
@@ -144,18 +160,37 @@ def train_variant(variant: str, workspace: Path, packed: Path) -> float:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
     config = SFTConfig(
-        output_dir=str(packed / f"{variant}-out"), max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler, optim=train.optimizer,
-        weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm, use_cpu=True, bf16=False,
-        gradient_checkpointing=train.gradient_checkpointing, seed=params.seed, data_seed=params.seed,
-        dataset_kwargs={"skip_prepare_dataset": True}, padding_free=padding_free, max_length=None,
-        save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, logging_steps=10**6,
+        output_dir=str(packed / f"{variant}-out"),
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        optim=train.optimizer,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=train.gradient_checkpointing,
+        seed=params.seed,
+        data_seed=params.seed,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        padding_free=padding_free,
+        max_length=None,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=10**6,
         remove_unused_columns=False,
-    )  # fmt: skip
-    trainer = SFTTrainer(model=model, args=config, train_dataset=rows if padding_free else
-                         rows.remove_columns("seq_lengths"), processing_class=tokenizer,
-                         data_collator=None if padding_free else padded)  # fmt: skip
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=rows if padding_free else rows.remove_columns("seq_lengths"),
+        processing_class=tokenizer,
+        data_collator=None if padding_free else padded,
+    )
     if padding_free:
         collate = trainer.data_collator
 

@@ -84,8 +84,10 @@ def resolve(requested: str, dtype: torch.dtype) -> str:
         return "sdpa"
     if not torch.cuda.is_available():
         if requested == "auto":
-            click.echo("train: model.attn_implementation auto uses varlen: no CUDA GPU, so one SDPA call per document "
-                       "of a packed row on the CPU (no mask built)")  # fmt: skip
+            click.echo(
+                "train: model.attn_implementation auto uses varlen: no CUDA GPU, so one SDPA call per document "
+                "of a packed row on the CPU (no mask built)"
+            )
         elif requested != VARLEN:
             raise click.ClickException(
                 f"model.attn_implementation: {requested} needs a CUDA GPU and none is visible (torch 2.13 refuses "
@@ -136,10 +138,16 @@ def per_document_attention(
     lengths = cu_seq_q.diff().tolist()
     documents = zip(query.split(lengths), key.split(lengths), value.split(lengths), strict=True)
     outputs = [
-        F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                       is_causal=True, scale=scale, enable_gqa=enable_gqa)[0]
+        F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=True,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )[0]
         for q, k, v in documents
-    ]  # fmt: skip
+    ]
     return torch.cat([output.transpose(0, 1) for output in outputs])  # (tokens, heads, head_dim) again
 
 
@@ -256,13 +264,21 @@ def varlen_attention(
     kernel, dtype = kernel_for(query, module)
     # (tokens, heads, head_dim): the layout transformers' projections already have in memory, so on a CPU these are
     # views (a copy only where the CUDA kernel needs a cast)
-    query, key, value = (t.transpose(1, 2).reshape(batch * tokens, t.shape[1], head_dim).to(dtype)
-                         for t in (query, key, value))  # fmt: skip
+    query, key, value = (
+        t.transpose(1, 2).reshape(batch * tokens, t.shape[1], head_dim).to(dtype) for t in (query, key, value)
+    )
     output = kernel(
-        query, key, value, cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32),
-        int(max_length_q), int(max_length_k),
-        scale=scaling, window_size=CAUSAL, enable_gqa=query.shape[1] != key.shape[1],
-    )  # fmt: skip
+        query,
+        key,
+        value,
+        cu_seq_lens_q.to(torch.int32),
+        cu_seq_lens_k.to(torch.int32),
+        int(max_length_q),
+        int(max_length_k),
+        scale=scaling,
+        window_size=CAUSAL,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
     return output.view(batch, tokens, -1, head_dim), None  # (batch, tokens, heads, head_dim), as sdpa's
 
 

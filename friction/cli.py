@@ -100,8 +100,9 @@ def score(files: tuple[Path, ...], compare: bool, base_field: str | None, adapte
     click.echo(json.dumps(summaries, indent=2))
 
 
-def _compare_files(base_path: Path, adapter_path: Path, base_field: str | None, adapter_field: str | None,
-                   seed: int) -> None:  # fmt: skip
+def _compare_files(
+    base_path: Path, adapter_path: Path, base_field: str | None, adapter_field: str | None, seed: int
+) -> None:
     from friction import comparison
 
     base_records, adapter_records = _records(base_path), _records(adapter_path)
@@ -184,9 +185,10 @@ def adapter_options(command):
         "--rev", help="A version (v1.0.0), commit, branch, tag or experiment: its artifact, from DVC's cache or remote."
     )(command)
     return click.option(
-        "--adapter", type=click.Path(file_okay=False, path_type=Path),
+        "--adapter",
+        type=click.Path(file_okay=False, path_type=Path),
         help="An adapter folder (default: the artifact folder dvc.yaml names, models/friction-adapter).",
-    )(command)  # fmt: skip
+    )(command)
 
 
 @main.command()
@@ -198,16 +200,22 @@ def adapter_options(command):
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int, help="Seed for sampling, for a reply you can get again.")
 def chat(
-    adapter: Path | None, rev: str | None, prompt: str | None, system: str | None, max_new_tokens: int,
-    temperature: float, top_p: float, seed: int | None,
-) -> None:  # fmt: skip
+    adapter: Path | None,
+    rev: str | None,
+    prompt: str | None,
+    system: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+) -> None:
     """Talk to base + adapter in ChatML as trained: one reply to PROMPT, or a conversation without one."""
     if system is None and Path("params.yaml").is_file():
         system = load_params().mix.system_prompt
     from transformers import set_seed
 
-    from friction.commands import chat as stage
     from friction.adapter import adapter_folder, load_base, with_adapter
+    from friction.commands import chat as stage
 
     if seed is not None:
         set_seed(seed)
@@ -223,8 +231,8 @@ def chat(
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Default: the base's own (bf16 if 4-bit).")
 def merge(adapter: Path | None, rev: str | None, out: Path, dtype: str | None) -> None:
     """Merge the adapter into its base (peft merge_and_unload): safetensors that transformers loads alone."""
-    from friction.commands import merge as stage
     from friction.adapter import adapter_folder
+    from friction.commands import merge as stage
 
     stage.check_out(out)  # before an adapter is fetched or a model loaded
     with adapter_folder(adapter, rev) as folder:
@@ -241,8 +249,8 @@ def push(adapter: Path | None, rev: str | None, repo_id: str, private: bool, dry
     """Upload the adapter folder (weights, tokenizer, card, loss plot) to the Hugging Face Hub.
 
     The token comes from HF_TOKEN or `hf auth login` (huggingface_hub's own lookup) and is never printed."""
-    from friction.commands import push as stage
     from friction.adapter import adapter_folder
+    from friction.commands import push as stage
 
     with adapter_folder(adapter, rev) as folder:
         stage.run(folder, repo_id, private, dry_run, message)

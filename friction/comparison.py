@@ -16,8 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from friction import friction_metrics
-from friction import statistics
+from friction import friction_metrics, statistics
 
 CONTROL = "control"
 OVERFRICTION = "control_overfriction_rate"
@@ -51,9 +50,11 @@ def _prompt_means(groups: list[list[dict]], side: str, value: Callable[[dict], f
 def _compare_groups(groups: list[list[dict]], value: Callable[[dict], float], yes_no: bool, seed: int) -> dict:
     one_answer_each = all(len(group) == 1 for group in groups)
     return statistics.compare(
-        _prompt_means(groups, "base", value), _prompt_means(groups, "adapter", value), seed,
+        _prompt_means(groups, "base", value),
+        _prompt_means(groups, "adapter", value),
+        seed,
         yes_no=yes_no and one_answer_each,
-    )  # fmt: skip
+    )
 
 
 def metric_names(samples: list[dict]) -> list[str]:
@@ -87,9 +88,11 @@ def loss_comparison(base_losses: list[dict], adapter_losses: list[dict], seed: i
     pairs = [(b, a) for b, a in zip(base_losses, adapter_losses, strict=True) if b["tokens"] > 0]
     tokens = [b["tokens"] for b, _ in pairs]
     return statistics.compare(
-        [b["loss_sum"] / b["tokens"] for b, _ in pairs], [a["loss_sum"] / a["tokens"] for _, a in pairs], seed,
+        [b["loss_sum"] / b["tokens"] for b, _ in pairs],
+        [a["loss_sum"] / a["tokens"] for _, a in pairs],
+        seed,
         weights=tokens,
-    )  # fmt: skip
+    )
 
 
 def comparison(samples: list[dict], seed: int, losses: tuple[list[dict], list[dict]] | None = None) -> dict:

@@ -66,7 +66,10 @@ def update_params(path: Path, changes: dict[str, Any]) -> None:
 
 def tracked_files() -> list[Path]:
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
     ).stdout.decode()
     return [Path(name) for name in listed.split("\0") if name and (REPO / name).is_file()]
 

@@ -94,12 +94,16 @@ def launch(gpus: int) -> None:
     if "LOCAL_RANK" not in os.environ and gpus == 1:
         before = restrict_to_one_gpu()  # first: any CUDA call below would fix the list of visible devices
         if before is not None and torch.cuda.is_available():
-            click.echo(f"train: train.gpus is 1: one process on one GPU, CUDA_VISIBLE_DEVICES="
-                       f"{os.environ['CUDA_VISIBLE_DEVICES']} ({torch.cuda.get_device_name(0)}; "
-                       f"CUDA_VISIBLE_DEVICES was {before})")  # fmt: skip
+            click.echo(
+                f"train: train.gpus is 1: one process on one GPU, CUDA_VISIBLE_DEVICES="
+                f"{os.environ['CUDA_VISIBLE_DEVICES']} ({torch.cuda.get_device_name(0)}; "
+                f"CUDA_VISIBLE_DEVICES was {before})"
+            )
     if fsdp_requested() and not torch.cuda.is_available():
-        raise click.ClickException("FSDP (accelerate launch with an FSDP config) shards the model over CUDA GPUs, "
-                                   "and none is visible; on a CPU, train.gpus > 1 runs DDP over gloo")  # fmt: skip
+        raise click.ClickException(
+            "FSDP (accelerate launch with an FSDP config) shards the model over CUDA GPUs, "
+            "and none is visible; on a CPU, train.gpus > 1 runs DDP over gloo"
+        )
     if "LOCAL_RANK" in os.environ:  # started by a launcher
         if launched != gpus:
             raise click.ClickException(

@@ -65,13 +65,43 @@ from friction.chatml import THINK_CLOSE, THINK_OPEN
 _APOSTROPHE = "['’]"
 
 HEDGES = (
-    "maybe", "perhaps", "possibly", "probably", "might", "could be", "not sure", "unsure", "not certain",
-    "I wonder", "I think", "I guess", "I suppose", "seem", "seems", "seemed", "seemingly", "it's possible",
-)  # fmt: skip
+    "maybe",
+    "perhaps",
+    "possibly",
+    "probably",
+    "might",
+    "could be",
+    "not sure",
+    "unsure",
+    "not certain",
+    "I wonder",
+    "I think",
+    "I guess",
+    "I suppose",
+    "seem",
+    "seems",
+    "seemed",
+    "seemingly",
+    "it's possible",
+)
 BOOSTERS = (
-    "definitely", "certainly", "clearly", "obviously", "of course", "without a doubt", "no doubt", "undoubtedly",
-    "surely", "absolutely", "always", "never", "in fact", "I'm sure", "I'm certain", "it's clear",
-)  # fmt: skip
+    "definitely",
+    "certainly",
+    "clearly",
+    "obviously",
+    "of course",
+    "without a doubt",
+    "no doubt",
+    "undoubtedly",
+    "surely",
+    "absolutely",
+    "always",
+    "never",
+    "in fact",
+    "I'm sure",
+    "I'm certain",
+    "it's clear",
+)
 
 _I_AM = rf"I(?:{_APOSTROPHE}m|\s+am)"
 # Modal and adverb slots let "I have to respectfully disagree" match without listing every combination.

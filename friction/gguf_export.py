@@ -95,11 +95,15 @@ def engine_refusals(adapter: Adapter) -> list[str]:
     if config.get("peft_type", "LORA") != "LORA":
         reasons.append(f"peft_type {config.get('peft_type')}: only LoRA adapters have a GGUF form")
     if config.get("use_dora"):
-        reasons.append("use_dora: DoRA rescales each weight column by a learned magnitude; llama.cpp and vLLM "
-                       "apply plain LoRA only (merge it with `friction merge` instead)")  # fmt: skip
+        reasons.append(
+            "use_dora: DoRA rescales each weight column by a learned magnitude; llama.cpp and vLLM "
+            "apply plain LoRA only (merge it with `friction merge` instead)"
+        )
     if config.get("modules_to_save"):
-        reasons.append(f"modules_to_save {config['modules_to_save']}: fully trained copies of modules are no LoRA; "
-                       "llama.cpp and vLLM load none (merge instead)")  # fmt: skip
+        reasons.append(
+            f"modules_to_save {config['modules_to_save']}: fully trained copies of modules are no LoRA; "
+            "llama.cpp and vLLM load none (merge instead)"
+        )
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         reasons.append("bias / lora_bias: trained biases have no place in llama.cpp's LoRA (merge instead)")
     if config.get("trainable_token_indices") or config.get("target_parameters"):
@@ -109,8 +113,10 @@ def engine_refusals(adapter: Adapter) -> list[str]:
     )
     embedding += [key for key in adapter.other_tensors if "lora_embedding" in key]
     if embedding:
-        reasons.append(f"LoRA on the embedding or lm_head ({', '.join(embedding)}): llama.cpp applies LoRA to the "
-                       "linear layers of the blocks only, and vLLM no longer loads embedding LoRA")  # fmt: skip
+        reasons.append(
+            f"LoRA on the embedding or lm_head ({', '.join(embedding)}): llama.cpp applies LoRA to the "
+            "linear layers of the blocks only, and vLLM no longer loads embedding LoRA"
+        )
     others = [key for key in adapter.other_tensors if "lora_embedding" not in key]
     if others:
         reasons.append(f"tensors that are no lora_A/lora_B pair: {', '.join(sorted(others)[:5])}")
@@ -175,8 +181,12 @@ def write_gguf_lora(adapter: Adapter, architecture: str, gguf_type: str, out: Pa
     refusals = engine_refusals(adapter)
     if refusals:
         raise click.ClickException(f"{adapter.folder}: llama.cpp cannot load this adapter:\n  " + "\n  ".join(refusals))
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-             "f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]  # fmt: skip
+    qtype = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "f32": gguf.GGMLQuantizationType.F32,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[gguf_type]
     alpha = gguf_alpha(adapter)
     names = gguf_tensor_names(adapter, architecture)
     arch = getattr(gguf.MODEL_ARCH, ARCHITECTURES[architecture])
@@ -224,8 +234,9 @@ def vllm_rank_for(ranks: list[int], where: object) -> int:
     rank = max(ranks)
     allowed = [value for value in VLLM_RANKS if value >= rank]
     if not allowed:
-        raise click.ClickException(f"{where}: LoRA rank {rank} is above vLLM's largest max_lora_rank "
-                                   f"({VLLM_RANKS[-1]})")  # fmt: skip
+        raise click.ClickException(
+            f"{where}: LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_RANKS[-1]})"
+        )
     return allowed[0]
 
 
@@ -241,23 +252,36 @@ def configured_ranks(config: dict[str, Any]) -> list[int]:
 def vllm_flags(adapter: Adapter) -> list[tuple[str, str]]:
     """(flag, why) for each `vllm serve` flag this adapter needs beyond the defaults."""
     rank = max(adapter.ranks.values())
-    flags = [("--enable-lora", "serves LoRA adapters at all"),
-             ("--lora-modules friction=<dir>", "registers this adapter under the model name `friction`")]  # fmt: skip
+    flags = [
+        ("--enable-lora", "serves LoRA adapters at all"),
+        ("--lora-modules friction=<dir>", "registers this adapter under the model name `friction`"),
+    ]
     if rank > VLLM_DEFAULT_RANK:
-        flags.append((f"--max-lora-rank {vllm_rank(adapter)}",
-                      f"rank {rank} is above vLLM's default max_lora_rank {VLLM_DEFAULT_RANK}"))  # fmt: skip
+        flags.append(
+            (
+                f"--max-lora-rank {vllm_rank(adapter)}",
+                f"rank {rank} is above vLLM's default max_lora_rank {VLLM_DEFAULT_RANK}",
+            )
+        )
     else:
         flags.append((f"--max-lora-rank {vllm_rank(adapter)}", f"rank {rank}; vLLM's allowed values are {VLLM_RANKS}"))
-    flags.append(("--tokenizer <dir>", "vLLM uses the base's tokenizer otherwise: its chat template is DeepSeek's, "
-                  "not the ChatML the adapter learned, and <|im_end|> would not be the EOS id"))  # fmt: skip
+    flags.append(
+        (
+            "--tokenizer <dir>",
+            "vLLM uses the base's tokenizer otherwise: its chat template is DeepSeek's, "
+            "not the ChatML the adapter learned, and <|im_end|> would not be the EOS id",
+        )
+    )
     if adapter.config.get("use_rslora"):
         flags.append(("(none)", "use_rslora: vLLM reads it from adapter_config.json and scales by alpha / sqrt(r)"))
     return flags
 
 
 def vllm_command(base: str, adapter_dir: str, rank: int) -> str:
-    return (f"vllm serve {base} --enable-lora --lora-modules friction={adapter_dir} --max-lora-rank {rank} "
-            f"--tokenizer {adapter_dir}")  # fmt: skip
+    return (
+        f"vllm serve {base} --enable-lora --lora-modules friction={adapter_dir} --max-lora-rank {rank} "
+        f"--tokenizer {adapter_dir}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- Ollama's Modelfile
@@ -275,8 +299,10 @@ def ollama_template(end_text: str) -> str:
     """Ollama's TEMPLATE (Go text/template): each message as training wrote it, with `end_text` where training had
     <|im_end|>, then the reply opened as every trained reply was: the assistant header and `<think>`. No BOS: the
     engine adds it (the base GGUF's add_bos_token), as the tokenizer did in training."""
-    return (f"{{{{- range .Messages }}}}{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}\n{end_text}\n{{{{ end }}}}"
-            f"{IM_START}assistant\n{THINK_OPEN}\n")  # fmt: skip
+    return (
+        f"{{{{- range .Messages }}}}{IM_START}{{{{ .Role }}}}\n{{{{ .Content }}}}\n{end_text}\n{{{{ end }}}}"
+        f"{IM_START}assistant\n{THINK_OPEN}\n"
+    )
 
 
 GO_ACTION = re.compile(r"\{\{(-\s)?\s*(.*?)\s*(\s-)?\}\}", re.DOTALL)
@@ -338,11 +364,13 @@ def modelfile(base_from: str, adapter_file: str, template: str, system_prompt: s
 # ------------------------------------------------------------------------------------------------ the check
 
 SAMPLE_TURNS = [
-    ("I'm sure quitting my job tomorrow is the right call, everyone says so...",
-     ("They sound certain, but everyone is doing a lot of work there.", "What do they know that I don't?"),
-     "Maybe. Who is everyone, though? And what happens the month after?"),
+    (
+        "I'm sure quitting my job tomorrow is the right call, everyone says so...",
+        ("They sound certain, but everyone is doing a lot of work there.", "What do they know that I don't?"),
+        "Maybe. Who is everyone, though? And what happens the month after?",
+    ),
     ("My sister says I overthink. 12 texts in a row is normal, right?", ("Twelve is a lot.",), "Is it, for her?"),
-]  # fmt: skip
+]
 
 
 def sample_conversations(system_prompt: str) -> list[tuple[list[dict[str, str]], list[dict[str, str]]]]:
@@ -402,13 +430,18 @@ def readme(
     flags = "\n".join(f"- `{flag}`: {why}" for flag, why in vllm_flags(adapter))
     notes = []
     if written["folded_scales"]:
-        notes.append(f"- {len(written['folded_scales'])} module(s) have a peft scale other than alpha / r (rsLoRA "
-                     "or alpha_pattern): the ratio is folded into their lora_b, so llama.cpp's alpha / r gives "
-                     "peft's.")  # fmt: skip
+        notes.append(
+            f"- {len(written['folded_scales'])} module(s) have a peft scale other than alpha / r (rsLoRA "
+            "or alpha_pattern): the ratio is folded into their lora_b, so llama.cpp's alpha / r gives "
+            "peft's."
+        )
     if written["kept_f16"]:
         notes.append(f"- q8_0: {len(written['kept_f16'])} tensors whose rows are not a multiple of 32 long are f16.")
-    stop_line = (f"The end of turn is not the base's EOS id, so the Modelfile stops on the text `{stop}`." if stop
-                 else "Every turn ends with the base's EOS id, so every engine stops there without a stop string.")
+    stop_line = (
+        f"The end of turn is not the base's EOS id, so the Modelfile stops on the text `{stop}`."
+        if stop
+        else "Every turn ends with the base's EOS id, so every engine stops there without a stop string."
+    )
     return f"""# {params.card.model_name}: GGUF LoRA and Ollama Modelfile
 
 The LoRA adapter of `{adapter_dir}` (base `{base}`) for engines outside transformers. Written by the `export` stage
@@ -416,8 +449,8 @@ The LoRA adapter of `{adapter_dir}` (base `{base}`) for engines outside transfor
 
 | file | what |
 |---|---|
-| `{gguf_name}` | the adapter as a llama.cpp GGUF LoRA ({params.export.gguf_type}, alpha {written['alpha']:g}, \
-{written['tensors']} tensors); run it on the base model's own GGUF |
+| `{gguf_name}` | the adapter as a llama.cpp GGUF LoRA ({params.export.gguf_type}, alpha {written["alpha"]:g}, \
+{written["tensors"]} tensors); run it on the base model's own GGUF |
 | `Modelfile` | Ollama: FROM `{params.export.ollama_from}`, this adapter, the ChatML template the adapter was trained \
 on, the system prompt |
 | `chat_template.jinja` | the same template for `llama-server --jinja --chat-template-file` |

@@ -119,8 +119,11 @@ class Cache:
 
 def parse_text_verdict(text: str) -> str | None:
     """The one label the text names on a line of its own, or None (unscored) when it names none or several."""
-    found = {match[1].upper() if match[1].lower() != "tie" else "tie"
-             for line in text.splitlines() if (match := _TEXT_VERDICT.match(line.strip()))}  # fmt: skip
+    found = {
+        match[1].upper() if match[1].lower() != "tie" else "tie"
+        for line in text.splitlines()
+        if (match := _TEXT_VERDICT.match(line.strip()))
+    }
     return found.pop() if len(found) == 1 else None
 
 
@@ -236,8 +239,11 @@ def judge_pairs(
     pairs: list[Pair], settings: Settings, cache: Cache, base_url: str | None, api_key: str
 ) -> tuple[list[dict], int]:
     """Every pair's two verdicts and outcome, from the cache or the judge; and the number of requests sent."""
-    keys = {(pair, name): cache_key(settings, pair.prompt, first, second)
-            for pair in pairs for name, first, second in orders(pair)}  # fmt: skip
+    keys = {
+        (pair, name): cache_key(settings, pair.prompt, first, second)
+        for pair in pairs
+        for name, first, second in orders(pair)
+    }
     pending = [(pair, name) for (pair, name), key in keys.items() if cache.get(key) is None]
     judge = None
     if pending:
@@ -251,8 +257,14 @@ def judge_pairs(
     results = []
     for pair in pairs:
         verdicts = {name: cache.get(keys[(pair, name)])["verdict"] for name, _, _ in orders(pair)}
-        results.append({"id": pair.prompt_key, "sample": pair.sample, **verdicts,
-                        "outcome": outcome(verdicts["base_first"], verdicts["adapter_first"])})  # fmt: skip
+        results.append(
+            {
+                "id": pair.prompt_key,
+                "sample": pair.sample,
+                **verdicts,
+                "outcome": outcome(verdicts["base_first"], verdicts["adapter_first"]),
+            }
+        )
     return results, (judge.requests if judge else 0)
 
 
@@ -260,14 +272,18 @@ def summary(results: list[dict], seed: int) -> dict:
     """Win, tie and loss of the adapter: counts over samples, rates averaged over a prompt's scored samples first,
     each with a 95 % bootstrap interval over prompts; the adapter's score (win 1, tie 1/2, loss 0) likewise, and a
     sign test of wins against losses."""
-    counts = {name: sum(1 for result in results if result["outcome"] == name) for name in
-              ("win", "tie", "loss", "unscored")}  # fmt: skip
+    counts = {
+        name: sum(1 for result in results if result["outcome"] == name) for name in ("win", "tie", "loss", "unscored")
+    }
     by_prompt: dict[str, list[str]] = {}
     for result in results:
         if result["outcome"] != "unscored":
             by_prompt.setdefault(result["id"], []).append(result["outcome"])
-    report: dict = {"samples": len(results), **{f"{name}s" if name != "loss" else "losses": count
-                    for name, count in counts.items()}, "prompts_scored": len(by_prompt)}  # fmt: skip
+    report: dict = {
+        "samples": len(results),
+        **{f"{name}s" if name != "loss" else "losses": count for name, count in counts.items()},
+        "prompts_scored": len(by_prompt),
+    }
     if not by_prompt:
         return report
     points = {"win": 1.0, "tie": 0.5, "loss": 0.0}

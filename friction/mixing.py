@@ -2,13 +2,12 @@
 split it. The rules, step by step: docs/pipeline.md (Template and tokens, Mixing, Dirty rows).
 """
 
-
 from __future__ import annotations
 
 import itertools
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -29,6 +28,7 @@ from friction.chatml import (
     user_starts,
 )
 from friction.config import Params
+from friction.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, row_groups, write_row_groups
 from friction.source_rows import (
     FORMAT_NEEDS,
     Example,
@@ -36,12 +36,11 @@ from friction.source_rows import (
     certainly_over_chars,
     special_token_texts,
 )
-from friction.schemas import BOS_METADATA_KEY, MIXED_SCHEMA, TokenizedExample, row_groups, write_row_groups
 from friction.token_store import Stored, TokenArrays, TokenStore
 from friction.tokens import encode_texts, load_unmapped_tokenizer, map_end_of_turn
 
-
 T = TypeVar("T")
+
 
 @dataclass(frozen=True, slots=True)
 class Encoded:
@@ -58,7 +57,9 @@ class Encoded:
     def length(self) -> int:
         return self.stored.length
 
+
 ENCODE_BATCH = 256
+
 
 def token_holding(encoding: Encoding, position: int, text_length: int) -> int:
     """The index of the first token holding character `position` (char_to_token gives the first of the byte-level
@@ -71,12 +72,14 @@ def token_holding(encoding: Encoding, position: int, text_length: int) -> int:
         position += 1
     return len(encoding)
 
+
 def first_token_from(encoding: Encoding, position: int, text_length: int) -> int:
     """The index of the first token whose text starts at or after character `position` (len(encoding) if none)."""
     token = token_holding(encoding, position, text_length)
     while token < len(encoding) and encoding.token_to_chars(token)[0] < position:
         token += 1  # the token holding `position` starts before it
     return token
+
 
 def tokenize_batch(
     texts: Sequence[str], encodings: Sequence[Encoding], cut: Sequence[bool] | None = None
@@ -102,10 +105,12 @@ def tokenize_batch(
         out.append((token_ids, TokenArrays(ids, labels, np.array(turn_starts, dtype=np.int32))))
     return out
 
+
 def tokenize(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedExample:
     """`tokenize_batch` of one text, as lists."""
     _, tokens = tokenize_batch([text], encode_texts(tokenizer, [text]))[0]
     return TokenizedExample(tokens.input_ids.tolist(), tokens.labels.tolist(), tokens.user_starts.tolist())
+
 
 def round_trip_problems(
     texts: Sequence[str], token_ids: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase
@@ -135,6 +140,7 @@ def round_trip_problems(
         )
     return problems
 
+
 def base_tokenizer(manifest_path: Path) -> tuple[PreTrainedTokenizerBase, SpecialTexts]:
     """The base's tokenizer as the original used it, and the texts its special and added tokens have (the base's own
     EOS text among them, read before `map_end_of_turn` renames it)."""
@@ -142,10 +148,12 @@ def base_tokenizer(manifest_path: Path) -> tuple[PreTrainedTokenizerBase, Specia
     special = special_token_texts(tokenizer)
     return map_end_of_turn(tokenizer), special
 
+
 def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The BOS id if the tokenizer puts it before every text it encodes (pack's `stacked` layout needs it)."""
     bos = tokenizer.bos_token_id
     return bos if bos is not None and tokenizer("x")["input_ids"][:1] == [bos] else None
+
 
 def encoded_batches(
     examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase
@@ -164,6 +172,7 @@ def encoded_batches(
             following = submit()
             yield batch, encodings.result()
             batch, encodings = following
+
 
 def within_reach(
     examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, params: Params, dropped: list[dict]
@@ -187,8 +196,10 @@ def within_reach(
         reason = "over_max_length" if overflow == "drop" else "far_over_max_length"
         if overflow == "split":
             detail += "; pack.overflow split would make pieces of it that lack the beginning of their turns"
-        dropped.append({"source": example.source, "line": example.line, "id": example.id, "reason": reason,
-                        "detail": detail})  # fmt: skip
+        dropped.append(
+            {"source": example.source, "line": example.line, "id": example.id, "reason": reason, "detail": detail}
+        )
+
 
 def encode(
     examples: Iterable[Example], tokenizer: PreTrainedTokenizerBase, params: Params, store: TokenStore
@@ -212,6 +223,7 @@ def encode(
             encoded.append(Encoded(example.id, example.source, example.line, stored, kept))
     return encoded
 
+
 def stop_on_empty_sources(by_source: dict[str, list[Encoded]], dropped: list[dict], params: Params) -> None:
     """A source the mix asks rows of (weight > 0) that kept none: most likely the wrong `format`, never a mix."""
     for name, rows in by_source.items():
@@ -226,23 +238,31 @@ def stop_on_empty_sources(by_source: dict[str, list[Encoded]], dropped: list[dic
             f"or set mix.weights.{name}: 0"
         )
 
+
 def drop_over_length(encoded: list[Encoded], max_length: int, dropped: list[dict]) -> list[Encoded]:
     """Under pack.overflow: drop, a row pack could not take whole is a bad row, dropped before sampling."""
     kept = []
     for row in encoded:
         if row.length > max_length:
             dropped.append(
-                {"source": row.source, "line": row.line, "id": row.id,
-                 "reason": "over_max_length", "detail": f"{row.length} tokens, over model.max_length {max_length}"}
-            )  # fmt: skip
+                {
+                    "source": row.source,
+                    "line": row.line,
+                    "id": row.id,
+                    "reason": "over_max_length",
+                    "detail": f"{row.length} tokens, over model.max_length {max_length}",
+                }
+            )
         else:
             kept.append(row)
     return kept
+
 
 def source_location(params: Params, name: str) -> str:
     """Where the user's copy of source `name` lives: its file under data/sources, or its Hub dataset."""
     source = params.data.sources[name]
     return source.path if source.path is not None else f"{source.hub} (the Hub dataset of data.sources.{name})"
+
 
 def stop_on_bad_rows(dropped: list[dict], params: Params) -> NoReturn:
     """mix.on_bad_rows: fail. Names the first bad row in file order (source order, then line), whatever the reason."""
@@ -253,6 +273,7 @@ def stop_on_bad_rows(dropped: list[dict], params: Params) -> NoReturn:
         f"({len(dropped)} bad rows in all; set mix.on_bad_rows: drop to skip them)"
     )
 
+
 def shuffled(items: Sequence[T], seed: int) -> list[T]:
     """`items` in the order datasets' Dataset.shuffle(seed=seed) gives a table of them (the original's shuffle)."""
     if not items:
@@ -260,12 +281,14 @@ def shuffled(items: Sequence[T], seed: int) -> list[T]:
     order = Dataset.from_dict({"position": range(len(items))}).shuffle(seed=seed).with_format("numpy")[:]["position"]
     return [items[position] for position in order.tolist()]
 
+
 def train_validation_split(items: Sequence[T], validation_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """datasets' train_test_split(test_size=validation_fraction, seed=seed) of a table of `items`."""
     positions = Dataset.from_dict({"position": range(len(items))})
     split = positions.train_test_split(test_size=validation_fraction, seed=seed)
     train, test = (split[part].with_format("numpy")[:]["position"].tolist() for part in ("train", "test"))
     return [items[p] for p in train], [items[p] for p in test]
+
 
 def rows_within(rows: list[Encoded], token_limit: int) -> int:
     """How many leading rows fit in `token_limit` tokens: the walk stops at the first row that would pass it."""
@@ -275,6 +298,7 @@ def rows_within(rows: list[Encoded], token_limit: int) -> int:
         if total > token_limit:
             return count
     return len(rows)
+
 
 def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[Encoded], dict]:
     """The mixture in its final order, and the report's sampling numbers (rules in the module docstring)."""
@@ -317,6 +341,7 @@ def sample(by_source: dict[str, list[Encoded]], params: Params) -> tuple[list[En
     }
     return shuffled(parts, params.seed), {"sources": report, **summary}
 
+
 def write_parquet(rows: list[Encoded], store: TokenStore, path: Path, bos_token_id: int | None) -> None:
     """`rows` in that order, a row group of at most ROW_GROUP_TOKENS tokens at a time read from `store`."""
     schema = MIXED_SCHEMA if bos_token_id is None else MIXED_SCHEMA.with_metadata({BOS_METADATA_KEY: str(bos_token_id)})
@@ -332,6 +357,7 @@ def write_parquet(rows: list[Encoded], store: TokenStore, path: Path, bos_token_
 
     lengths = np.fromiter((row.length for row in rows), dtype=np.int64, count=len(rows))
     write_row_groups(path, schema, (group(first, last) for first, last in row_groups(lengths)))
+
 
 def echo_report(report: dict) -> None:
     unit = "tokens" if report["weighting"] == "tokens" else "rows"

@@ -56,8 +56,10 @@ def resolve_backend(requested: str, processes: int = 1) -> str:
     parallel = single_process_problem(processes)
     if parallel is not None:
         if requested == "unsloth":
-            raise click.ClickException(f"train.backend: unsloth trains in one process, but {parallel}; set "
-                                       "train.backend: hf (or auto), or train.gpus: 1 for unsloth")  # fmt: skip
+            raise click.ClickException(
+                f"train.backend: unsloth trains in one process, but {parallel}; set "
+                "train.backend: hf (or auto), or train.gpus: 1 for unsloth"
+            )
         click.echo(f"train: train.backend auto uses hf: unsloth trains in one process, and {parallel}")
         return "hf"
     if not torch.cuda.is_available():
@@ -155,8 +157,9 @@ def quantized_placement() -> dict[str, Any]:
     if distributed.fsdp_requested():
         # FSDP shards the 4-bit weights like any other parameter: they must be stored in the dtype of the rest of
         # the model, and the model must not be placed on a device when loaded (FSDP places the shards).
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-                                    bnb_4bit_quant_storage=compute)  # fmt: skip
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute
+        )
         return {"quantization_config": config}
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     # A 4-bit model is placed on its GPU when loaded and cannot be moved after: each data-parallel process on its own.

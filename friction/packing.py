@@ -4,7 +4,6 @@ Tokens stay in flat numpy arrays from read to write (`TokenColumns`), a few byte
 each, and best-fit-decreasing finds a row in O(log max_length), so a million examples pack in seconds.
 """
 
-
 from __future__ import annotations
 
 import heapq
@@ -139,7 +138,9 @@ def next_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def cut(examples: TokenColumns, starts: np.ndarray, capacity: int, overflow: str) -> tuple[np.ndarray, np.ndarray, Counter[str]]:
+def cut(
+    examples: TokenColumns, starts: np.ndarray, capacity: int, overflow: str
+) -> tuple[np.ndarray, np.ndarray, Counter[str]]:
     """Cut over-length examples (their tokens from `starts`) as `overflow` says; drop what has no label left.
     Returns the kept pieces' (start, end) token positions, in example order, and the counts."""
     ends = examples.offsets[1:]
@@ -198,9 +199,16 @@ def row_chunks(row_offsets: np.ndarray) -> list[tuple[int, int]]:
 
 
 def lay_out(
-    examples: TokenColumns, starts: np.ndarray, lengths: np.ndarray, row_of: np.ndarray, row_offsets: np.ndarray,
-    bos: int | None, stacked: bool, ids: np.ndarray, labels: np.ndarray,
-) -> None:  # fmt: skip
+    examples: TokenColumns,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    row_of: np.ndarray,
+    row_offsets: np.ndarray,
+    bos: int | None,
+    stacked: bool,
+    ids: np.ndarray,
+    labels: np.ndarray,
+) -> None:
     """Write the tokens of consecutive rows into `ids` and `labels`: the pieces (`starts`, `lengths`, in row order)
     end to end, with a BOS before each row if `bos`. `row_offsets` are where the rows start, and `row_of` each
     piece's row, counted from the first of these rows."""
@@ -262,8 +270,17 @@ class Layout:
         for start, stop in row_chunks(token_offsets):
             chunk = slice(piece_offsets[start], piece_offsets[stop])
             tokens = slice(token_offsets[start], token_offsets[stop])
-            lay_out(self.examples, starts[chunk], lengths[chunk], row_of[chunk], token_offsets[start : stop + 1],
-                    self.bos, self.stacked, ids[tokens], labels[tokens])  # fmt: skip
+            lay_out(
+                self.examples,
+                starts[chunk],
+                lengths[chunk],
+                row_of[chunk],
+                token_offsets[start : stop + 1],
+                self.bos,
+                self.stacked,
+                ids[tokens],
+                labels[tokens],
+            )
         if self.stacked:
             seq_offsets, seq_lengths = np.arange(last - first + 1), self.row_lengths[first:last]
         else:
@@ -299,7 +316,7 @@ def plan(examples: TokenColumns, params: Params, bos: int | None = None) -> Layo
         starts[nonempty] += examples.ids[starts[nonempty]] == bos
     piece_starts, piece_ends, counts = cut(examples, starts, capacity - row_bos, params.pack.overflow)
     lengths = piece_ends - piece_starts
-    members = (next_fit(lengths.tolist(), capacity - row_bos) if stacked else best_fit_rows(lengths, capacity - row_bos))
+    members = next_fit(lengths.tolist(), capacity - row_bos) if stacked else best_fit_rows(lengths, capacity - row_bos)
     order = np.fromiter((m for row in members for m in row), dtype=np.int64, count=len(lengths))
     pieces_per_row = np.fromiter((len(row) for row in members), dtype=np.int64, count=len(members))
     row_of = np.repeat(np.arange(len(members)), pieces_per_row)
@@ -327,7 +344,9 @@ def pack_columns(examples: TokenColumns, params: Params, bos: int | None = None)
     return table, layout.metrics(trained_tokens(table), params.model.max_length)
 
 
-def pack_split(examples: list[Piece], params: Params, bos: int | None = None) -> tuple[dict[str, list[list[int]]], dict]:
+def pack_split(
+    examples: list[Piece], params: Params, bos: int | None = None
+) -> tuple[dict[str, list[list[int]]], dict]:
     """`pack_columns` of examples given one by one, its rows as Python lists."""
     table, metrics = pack_columns(TokenColumns.from_pieces(examples), params, bos)
     return table.to_pydict(), metrics
@@ -405,8 +424,10 @@ def read_token_lists(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.nd
     leaf = {metadata.schema.column(index).path.split(".")[0]: index for index in range(metadata.num_columns)}
     groups = range(metadata.num_row_groups)
     # A column chunk's value count is the tokens in it, plus one for each empty list: at least what it holds.
-    flat = {name: np.empty(sum(metadata.row_group(g).column(leaf[name]).num_values for g in groups), dtype=np.int32)
-            for name in TOKEN_LISTS}  # fmt: skip
+    flat = {
+        name: np.empty(sum(metadata.row_group(g).column(leaf[name]).num_values for g in groups), dtype=np.int32)
+        for name in TOKEN_LISTS
+    }
     lengths: dict[str, list[np.ndarray]] = {name: [] for name in TOKEN_LISTS}
     filled = dict.fromkeys(TOKEN_LISTS, 0)
     for group in groups:
@@ -419,6 +440,8 @@ def read_token_lists(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.nd
             lengths[name].append(pc.list_value_length(column).to_numpy(zero_copy_only=False))
     return (
         {name: values[: filled[name]] for name, values in flat.items()},
-        {name: np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
-         for name, parts in lengths.items()},  # fmt: skip
+        {
+            name: np.concatenate([np.zeros(0, dtype=np.int64), *parts]).astype(np.int64)
+            for name, parts in lengths.items()
+        },
     )

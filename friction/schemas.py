@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-
 TOKEN_IDS = pa.list_(pa.int32())
 MIXED_SCHEMA = pa.schema(
     [

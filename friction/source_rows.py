@@ -190,6 +190,7 @@ FORMAT_NEEDS = {
     "reluctance": "a ChatML conversation in 'text' with an assistant turn",
 }
 
+
 @dataclass(frozen=True, slots=True)
 class Example:
     id: str
@@ -198,6 +199,7 @@ class Example:
     text: str
     cut: bool = False
     """Only the first characters of the row's text (it is far over model.max_length, and pack truncates it)."""
+
 
 def _text(row: dict, key: str, special: SpecialTexts | None) -> str:
     """The text field `key` of a row; `special`: the special-token texts it must not hold (None: not checked here)."""
@@ -212,6 +214,7 @@ def _text(row: dict, key: str, special: SpecialTexts | None) -> str:
         raise BadRow("generator_error", f"generator error in '{key}'")
     check_field(value, key, special or NO_SPECIAL_TEXTS)
     return value
+
 
 def friction_messages(row: dict, system_prompt: str, special: SpecialTexts = CHATML_ONLY) -> list[dict[str, str]]:
     """friction-* rows: a question, five agents' thought streams, a final answer (original-recipe.md section 3).
@@ -232,8 +235,10 @@ def friction_messages(row: dict, system_prompt: str, special: SpecialTexts = CHA
         {"role": "assistant", "content": assistant_content(thoughts, answer)},
     ]
 
+
 def friction_text(row: dict, system_prompt: str, special: SpecialTexts = CHATML_ONLY) -> str:
     return render(friction_messages(row, system_prompt, special))
+
 
 def reluctance_text(row: dict, special: SpecialTexts = CHATML_ONLY) -> str:
     """reluctance-* rows: a whole ChatML conversation in `text`, reasoning in a <judging> block, trained verbatim as
@@ -255,10 +260,15 @@ def reluctance_text(row: dict, special: SpecialTexts = CHATML_ONLY) -> str:
             raise BadRow("generator_error", f"generator error in {role} turn of 'text'")
     return text
 
+
 def read_source(
-    path: Path, name: str, source_format: str, system_prompt: str, dropped: list[dict],
+    path: Path,
+    name: str,
+    source_format: str,
+    system_prompt: str,
+    dropped: list[dict],
     special: SpecialTexts = CHATML_ONLY,
-) -> Iterator[Example]:  # fmt: skip
+) -> Iterator[Example]:
     """Parse one fetched source a line at a time (the rows fetch counted: friction/source_rows.py): yield its examples,
     and add a record to `dropped` for every row that cannot be trained on."""
     with path.open("rb") as handle:
@@ -280,6 +290,7 @@ def read_source(
             row_id = str(row_id) if row_id is not None else f"{name}:{line_number}"
             yield Example(row_id, name, line_number, text)
 
+
 def unique(examples: Iterable[Example], duplicates: list[dict]) -> Iterator[Example]:
     """The first of examples whose text is identical, within and across sources; a record in `duplicates` for each
     other one. Only a digest of each text is kept."""
@@ -292,6 +303,11 @@ def unique(examples: Iterable[Example], duplicates: list[dict]) -> Iterator[Exam
             yield example
         else:
             duplicates.append(
-                {"source": example.source, "line": example.line, "id": example.id, "reason": "duplicate",
-                 "detail": f"duplicate of {first[0]} line {first[1]} (id {first[2]})"}
-            )  # fmt: skip
+                {
+                    "source": example.source,
+                    "line": example.line,
+                    "id": example.id,
+                    "reason": "duplicate",
+                    "detail": f"duplicate of {first[0]} line {first[1]} (id {first[2]})",
+                }
+            )

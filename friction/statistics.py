@@ -148,8 +148,11 @@ def with_holm(comparisons: dict[str, dict]) -> dict[str, dict]:
     result = {}
     for name, p_holm in zip(names, adjusted, strict=True):
         entry = comparisons[name]
-        result[name] = {**{key: entry[key] for key in ("base", "adapter", "diff", "ci95", "p")}, "p_holm": p_holm,
-                        "n": entry["n"]}  # fmt: skip
+        result[name] = {
+            **{key: entry[key] for key in ("base", "adapter", "diff", "ci95", "p")},
+            "p_holm": p_holm,
+            "n": entry["n"],
+        }
     return result
 
 

@@ -60,8 +60,9 @@ class TokenStore:
         stored, parts = [], []
         for text, example in zip(texts, tokens, strict=True):
             encoded = text.encode("utf-8")
-            arrays = [np.asarray(values, dtype=TOKEN) for values in (example.input_ids, example.labels,
-                                                                     example.user_starts)]  # fmt: skip
+            arrays = [
+                np.asarray(values, dtype=TOKEN) for values in (example.input_ids, example.labels, example.user_starts)
+            ]
             stored.append(Stored(self.end, len(arrays[0]), len(arrays[2]), len(encoded)))
             parts += [*(array.tobytes() for array in arrays), encoded]
             self.end += stored[-1].size
@@ -80,8 +81,9 @@ class TokenStore:
         sizes["labels"] = sizes["input_ids"]
         offsets = {name: np.concatenate([[0], np.cumsum(size)]).astype(np.int64) for name, size in sizes.items()}
         text = np.empty(int(offsets["text"][-1]), dtype=np.uint8)
-        tokens = {name: np.empty(int(offsets[name][-1]), dtype=TOKEN) for name in ("input_ids", "labels",
-                                                                                  "user_starts")}  # fmt: skip
+        tokens = {
+            name: np.empty(int(offsets[name][-1]), dtype=TOKEN) for name in ("input_ids", "labels", "user_starts")
+        }
         descriptor = self.file.fileno()
         for index in sorted(range(len(rows)), key=lambda i: rows[i].offset):
             row = rows[index]
@@ -93,8 +95,9 @@ class TokenStore:
             tokens["user_starts"][starts_at : starts_at + row.user_starts] = values[2 * row.length :]
             text[text_at : text_at + row.text_bytes] = np.frombuffer(record, dtype=np.uint8, offset=values.nbytes)
         columns: dict[str, pa.Array] = {
-            "text": pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets["text"].astype(np.int32)),
-                                                pa.py_buffer(text))  # fmt: skip
+            "text": pa.StringArray.from_buffers(
+                len(rows), pa.py_buffer(offsets["text"].astype(np.int32)), pa.py_buffer(text)
+            )
         }
         for name, values in tokens.items():
             columns[name] = pa.ListArray.from_arrays(pa.array(offsets[name], type=pa.int32()), pa.array(values))

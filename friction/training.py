@@ -68,8 +68,11 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
     stamp = checkpoint_dir / "fingerprint.txt"
     if not (checkpoint_dir.is_dir() and stamp.is_file() and stamp.read_text() == fingerprint):
         return None
-    complete = [path.parent for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}")
-                if is_complete_state(path)]  # fmt: skip
+    complete = [
+        path.parent
+        for path in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*/{TRAINER_STATE_NAME}")
+        if is_complete_state(path)
+    ]
     return max(complete, key=lambda path: int(path.name.rpartition("-")[2]), default=None)
 
 
@@ -95,8 +98,12 @@ class LiveLog(TrainerCallback):
     On resume the trainer's restored history is replayed first, so the plots show one unbroken run.
     """
 
-    LOGGED = {"loss": "train/loss", "learning_rate": "train/learning_rate", "grad_norm": "train/grad_norm",
-              "eval_loss": "eval/loss"}  # fmt: skip
+    LOGGED = {
+        "loss": "train/loss",
+        "learning_rate": "train/learning_rate",
+        "grad_norm": "train/grad_norm",
+        "eval_loss": "eval/loss",
+    }
 
     def __init__(self, live_dir: Path) -> None:
         self.live_dir = live_dir
@@ -251,8 +258,15 @@ def peak_memory() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resident memory of the process"  # Linux: KiB
 
 
-def build_trainer(params: Params, backend: str, model, tokenizer, packed_dir: Path, checkpoint_dir: Path,
-                  callbacks: list[TrainerCallback]) -> SFTTrainer:  # fmt: skip
+def build_trainer(
+    params: Params,
+    backend: str,
+    model,
+    tokenizer,
+    packed_dir: Path,
+    checkpoint_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> SFTTrainer:
     train_rows, validation_rows = packed_datasets(packed_dir, backend, params.model.max_length)
     trainer = SFTTrainer(
         model=model,
@@ -297,9 +311,15 @@ def save_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict[str, torc
 
 
 def run(
-    params: Params, backend: str, packed_dir: Path, manifest_path: Path, adapter_dir: Path, checkpoint_dir: Path,
-    live_dir: Path, metrics_path: Path,
-) -> None:  # fmt: skip
+    params: Params,
+    backend: str,
+    packed_dir: Path,
+    manifest_path: Path,
+    adapter_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path,
+    metrics_path: Path,
+) -> None:
     """Train with `backend` ("hf" or "unsloth", as `friction.modeling.resolve_backend` chose it)."""
     started = time.perf_counter()
     check_before_training(params, packed_dir, manifest_path)  # before anything is touched
@@ -328,12 +348,15 @@ def run(
         save_adapter(trainer.accelerator.unwrap_model(trainer.model), tokenizer, scratch, state_dict)
     summary = train_summary(trainer, result, step_timer, backend, manifest_path, time.perf_counter() - started)
     write_json(metrics_path, summary)
-    click.echo(f"train: best eval loss {summary['best_eval_loss']} at epoch {summary['best_eval_epoch']}; "
-               f"adapter in {adapter_dir}")  # fmt: skip
+    click.echo(
+        f"train: best eval loss {summary['best_eval_loss']} at epoch {summary['best_eval_epoch']}; "
+        f"adapter in {adapter_dir}"
+    )
 
 
-def train_summary(trainer: SFTTrainer, result, step_timer: StepTimer, backend: str, manifest_path: Path,
-                  runtime_s: float) -> dict:  # fmt: skip
+def train_summary(
+    trainer: SFTTrainer, result, step_timer: StepTimer, backend: str, manifest_path: Path, runtime_s: float
+) -> dict:
     """metrics/train.json: losses, schedule, speed, memory, and what trained on what."""
     location, revision = base_model_reference(manifest_path)
     memory_mb, memory_measure = peak_memory()

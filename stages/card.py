@@ -22,8 +22,8 @@ from friction import comparison, statistics
 from friction.artifacts import atomic_output, read_json
 from friction.chatml import generation_prompt
 from friction.config import Params, load_params
-from friction.pipeline import path_option
 from friction.gguf_export import configured_ranks, vllm_rank_for
+from friction.pipeline import path_option
 
 TEMPLATE = Path(__file__).with_name("card_template.md")
 CARD = "README.md"
@@ -176,7 +176,9 @@ def run(
 ) -> None:
     """Copy the trained adapter folder to `out_dir` and add the card and the loss plot; all or nothing."""
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise click.ClickException(f"{adapter_dir}: no adapter_config.json; run the train stage first (dvc repro train)")
+        raise click.ClickException(
+            f"{adapter_dir}: no adapter_config.json; run the train stage first (dvc repro train)"
+        )
     curves = logged_curves(live_dir)
     card = build(params, metrics_dir, manifest_path, adapter_dir, out_dir, LOSS_PLOT if curves else None)
     with atomic_output(out_dir) as scratch:

@@ -22,25 +22,29 @@ import math
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from tqdm import tqdm
 from safetensors import SafetensorError, safe_open
-from transformers import StoppingCriteriaList, StopStringCriteria, set_seed
+from tqdm import tqdm
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+    set_seed,
+)
 
-import numpy as np
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
-
-from friction import friction_metrics
-from friction import comparison, statistics
+from friction import comparison, environment, friction_metrics, statistics
 from friction.artifacts import write_json
-from friction.schemas import PACKED_SCHEMA, read_parquet
 from friction.chatml import IGNORE_INDEX, IM_END, generation_prompt
-from friction import environment
 from friction.config import Params, load_params
-from friction.pipeline import path_option
 from friction.modeling import load_base_model
+from friction.pipeline import path_option
+from friction.schemas import PACKED_SCHEMA, read_parquet
 from friction.tokens import end_of_turn_id
 
 
@@ -70,8 +74,14 @@ def example_losses(model, rows: Dataset, device: torch.device, label: str) -> li
         trained = targets != IGNORE_INDEX
         for example_index in range(len(row["seq_lengths"])):
             mine = trained & (example_of_target == example_index)
-            examples.append({"row": row_index, "example": example_index, "tokens": int(mine.sum()),
-                             "loss_sum": float(token_losses[mine].sum())})  # fmt: skip
+            examples.append(
+                {
+                    "row": row_index,
+                    "example": example_index,
+                    "tokens": int(mine.sum()),
+                    "loss_sum": float(token_losses[mine].sum()),
+                }
+            )
     return examples
 
 
@@ -134,10 +144,12 @@ class RowSeededSampler(LogitsProcessor):
         for warper in self.warpers:
             scores = warper(input_ids, scores)
         probabilities = torch.softmax(scores.float(), dim=-1)
-        chosen = torch.cat([
-            torch.multinomial(probabilities[row], 1, generator=generator)
-            for row, generator in enumerate(self.generators)
-        ])  # fmt: skip
+        chosen = torch.cat(
+            [
+                torch.multinomial(probabilities[row], 1, generator=generator)
+                for row, generator in enumerate(self.generators)
+            ]
+        )
         forced = torch.full_like(scores, -math.inf)
         forced[torch.arange(len(chosen)), chosen] = 0.0
         return forced
@@ -154,9 +166,14 @@ def response_text(tokenizer, ids: torch.Tensor) -> str:
 
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: list[str], params: Params, device: torch.device, label: str,
+    model,
+    tokenizer,
+    prompts: list[str],
+    params: Params,
+    device: torch.device,
+    label: str,
     seeds: list[int] | None = None,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Responses to `prompts` in batches of evaluate.batch_size; the tokenizer must pad on the left.
 
     With `seeds` (one a prompt) and sampling, each row samples from its own seeded generator (`RowSeededSampler`);
@@ -173,8 +190,9 @@ def generate(
         batch = tokenizer(prompts[start : start + settings.batch_size], return_tensors="pt", padding=True).to(device)
         sampling: dict = decoding(params)
         if per_row:
-            sampler = RowSeededSampler(seeds[start : start + settings.batch_size], settings.temperature,
-                                       settings.top_p, device)  # fmt: skip
+            sampler = RowSeededSampler(
+                seeds[start : start + settings.batch_size], settings.temperature, settings.top_p, device
+            )
             sampling = {"do_sample": False, "logits_processor": LogitsProcessorList([sampler])}
         output = model.generate(
             **batch,
@@ -282,9 +300,12 @@ def scored(rows: list[dict], base_responses: list[str], adapter_responses: list[
 
 
 def report(
-    losses: dict[str, float], tokens: int, samples: list[dict], seed: int,
+    losses: dict[str, float],
+    tokens: int,
+    samples: list[dict],
+    seed: int,
     example_losses_by_model: tuple[list[dict], list[dict]] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     prompts = len(comparison.group_by_prompt(samples))
     return {
         "validation": {
@@ -319,17 +340,30 @@ def write_losses(path: Path, base: list[dict], adapter: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for base_example, adapter_example in zip(base, adapter, strict=True):
             tokens = base_example["tokens"]
-            handle.write(json.dumps({
-                "row": base_example["row"], "example": base_example["example"], "tokens": tokens,
-                "base_loss": base_example["loss_sum"] / tokens if tokens else None,
-                "adapter_loss": adapter_example["loss_sum"] / tokens if tokens else None,
-            }) + "\n")  # fmt: skip
+            handle.write(
+                json.dumps(
+                    {
+                        "row": base_example["row"],
+                        "example": base_example["example"],
+                        "tokens": tokens,
+                        "base_loss": base_example["loss_sum"] / tokens if tokens else None,
+                        "adapter_loss": adapter_example["loss_sum"] / tokens if tokens else None,
+                    }
+                )
+                + "\n"
+            )
 
 
 def run(
-    params: Params, packed_dir: Path, manifest_path: Path, adapter_dir: Path, prompts_path: Path,
-    samples_path: Path, metrics_path: Path, losses_path: Path,
-) -> None:  # fmt: skip
+    params: Params,
+    packed_dir: Path,
+    manifest_path: Path,
+    adapter_dir: Path,
+    prompts_path: Path,
+    samples_path: Path,
+    metrics_path: Path,
+    losses_path: Path,
+) -> None:
     prompts = read_prompts(prompts_path, params.evaluate.max_prompts)
     check_adapter(adapter_dir)  # everything that can fail on a user's file fails before the base model loads
     rows = validation_rows(packed_dir / "validation.parquet")
@@ -356,11 +390,14 @@ def run(
     samples_path.parent.mkdir(parents=True, exist_ok=True)
     with samples_path.open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples)
-    evaluation = report({"base": base_loss, "adapter": adapter_loss}, tokens, samples, params.seed,
-                        (base_examples, adapter_examples))  # fmt: skip
+    evaluation = report(
+        {"base": base_loss, "adapter": adapter_loss}, tokens, samples, params.seed, (base_examples, adapter_examples)
+    )
     write_json(metrics_path, evaluation)
-    click.echo(f"evaluate: {len(prompts)} prompts x {samples_per_prompt(params)} samples answered by both models "
-               f"-> {samples_path}")  # fmt: skip
+    click.echo(
+        f"evaluate: {len(prompts)} prompts x {samples_per_prompt(params)} samples answered by both models "
+        f"-> {samples_path}"
+    )
     for line in comparison_lines(evaluation["comparison"]):
         click.echo(f"evaluate: {line}")
 

@@ -60,8 +60,10 @@ def run(params: Params, adapter_dir: Path, manifest_path: Path, out_dir: Path) -
         (scratch / README).write_text(readme, encoding="utf-8")
     for flag, why in gguf_export.vllm_flags(adapter):
         click.echo(f"export: vLLM {flag}: {why}")
-    click.echo(f"export: {out_dir / gguf_name} ({written['tensors']} tensors, alpha {written['alpha']:g}); "
-               f"Modelfile template gives the training ids ({compared} ids checked)")  # fmt: skip
+    click.echo(
+        f"export: {out_dir / gguf_name} ({written['tensors']} tensors, alpha {written['alpha']:g}); "
+        f"Modelfile template gives the training ids ({compared} ids checked)"
+    )
 
 
 @click.command()

@@ -30,14 +30,22 @@ from friction.source_rows import count_rows, local_source_file
 # Weights, configs and tokenizer files; skips the original checkpoints and other formats some repos also carry.
 MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
+
 def hub_snapshot(repo: HubRepo, **kwargs: Any) -> Path:
     """Download (or find in the cache) the requested revision; its folder is named after the commit."""
     with hub_errors_explained(repo):
         try:
             # Offline, the cache alone: huggingface-hub 1.x (the unsloth set), given a commit and no
             # local_files_only, asks the Hub for the commit's file list even with HF_HUB_OFFLINE set, and fails.
-            snapshot = Path(snapshot_download(repo.repo_id, revision=repo.revision, repo_type=repo.repo_type,
-                                              local_files_only=is_offline_mode(), **kwargs))  # fmt: skip
+            snapshot = Path(
+                snapshot_download(
+                    repo.repo_id,
+                    revision=repo.revision,
+                    repo_type=repo.repo_type,
+                    local_files_only=is_offline_mode(),
+                    **kwargs,
+                )
+            )
         except (LocalEntryNotFoundError, OfflineModeIsEnabled):
             raise click.ClickException(
                 f"{repo.described} is not in the local Hugging Face cache and the Hub cannot be reached "

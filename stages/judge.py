@@ -53,8 +53,10 @@ def run(params: Params, samples_path: Path, cache_dir: Path, metrics_path: Path)
         **judging.summary(results, params.seed),
     }
     write_json(metrics_path, report)
-    click.echo(f"judge: {report['samples']} samples, {report['wins']} wins, {report['ties']} ties, "
-               f"{report['losses']} losses, {report['unscoreds']} unscored; {requests} requests sent -> {metrics_path}")
+    click.echo(
+        f"judge: {report['samples']} samples, {report['wins']} wins, {report['ties']} ties, "
+        f"{report['losses']} losses, {report['unscoreds']} unscored; {requests} requests sent -> {metrics_path}"
+    )
 
 
 def read_samples(path: Path) -> list[dict]:

@@ -3,7 +3,6 @@
 What each step does and the rules it follows: docs/pipeline.md (Template and tokens, Mixing, Dirty rows).
 """
 
-
 from __future__ import annotations
 
 import itertools
@@ -14,8 +13,8 @@ from pathlib import Path
 import click
 from transformers import PreTrainedTokenizerBase
 
-from friction.artifacts import atomic_output, read_json, write_json
 from friction import environment
+from friction.artifacts import atomic_output, read_json, write_json
 from friction.config import Params, load_params
 from friction.mixing import (
     Encoded,
@@ -67,9 +66,15 @@ def run(params: Params, raw_dir: Path, manifest_path: Path, out_dir: Path, metri
 
 
 def mix_and_write(
-    params: Params, encoded: list[Encoded], dropped: list[dict], rows_in: dict[str, int],
-    tokenizer: PreTrainedTokenizerBase, store: TokenStore, out_dir: Path, metrics_path: Path,
-) -> None:  # fmt: skip
+    params: Params,
+    encoded: list[Encoded],
+    dropped: list[dict],
+    rows_in: dict[str, int],
+    tokenizer: PreTrainedTokenizerBase,
+    store: TokenStore,
+    out_dir: Path,
+    metrics_path: Path,
+) -> None:
     max_length = params.model.max_length
     if params.pack.overflow == "drop":
         encoded = drop_over_length(encoded, max_length, dropped)

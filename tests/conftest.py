@@ -44,6 +44,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("needs_triton"):
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
 SYSTEM_PROMPT = "You are a human-like AI assistant."
 
 
@@ -152,11 +154,20 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pat
 
     def make(name: str, stages: tuple[str, ...] = ("fetch", "mix", "pack"), hash_seed: str = "0") -> Path:
         workspace = build_workspace(tmp_path_factory.mktemp(name), base=tiny_model_dir)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": hash_seed,
-               "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONHASHSEED": hash_seed,
+            "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
+        }
         for stage in stages:
             result = subprocess.run(
-                stage_argv(stage, REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True, text=True, check=False
+                stage_argv(stage, REPO / "dvc.yaml"),
+                cwd=workspace,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
             )
             assert result.returncode == 0, f"friction {stage} failed:\n{result.stdout[-4000:]}{result.stderr[-4000:]}"
         return workspace
@@ -186,16 +197,29 @@ def labelled_runs(labels: list[int]) -> list[list[int]]:
 def isolated_env(root: Path) -> dict[str, str]:
     """The environment of a subprocess that may write only under `root`: its own HOME, XDG folders, DVC site cache,
     Hugging Face home and temporary folder; offline; this checkout's .venv first on PATH."""
-    folders = {name: root / name.lower() for name in ("HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME",
-                                                       "DVC_SITE_CACHE_DIR", "HF_HOME", "TMPDIR")}  # fmt: skip
+    folders = {
+        name: root / name.lower()
+        for name in (
+            "HOME",
+            "XDG_CONFIG_HOME",
+            "XDG_CACHE_HOME",
+            "XDG_DATA_HOME",
+            "DVC_SITE_CACHE_DIR",
+            "HF_HOME",
+            "TMPDIR",
+        )
+    }
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     clean = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_", "GIT_"))}
     return {
-        **clean, **{name: str(folder) for name, folder in folders.items()},
-        "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DVC_NO_ANALYTICS": "1",
+        **clean,
+        **{name: str(folder) for name, folder in folders.items()},
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DVC_NO_ANALYTICS": "1",
         "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="session")
@@ -207,8 +231,12 @@ def made_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict
     workspace = root / "demo"
     result = subprocess.run(
         ["make", "demo", f"DEMO_DIR={workspace}", f"DEFAULT_REMOTE={root / 'default-remote'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, f"make demo failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return workspace, result.stdout + result.stderr, env
 
@@ -233,12 +261,14 @@ def exported_demo(demo_workspace: Callable[..., Path]) -> tuple[Path, str]:
     params["train"]["max_steps"], params["train"]["eval_steps"] = 4, 100  # a short run: the adapter's numbers matter
     yaml.dump(params, workspace / "params.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
-    train = subprocess.run(stage_argv("train", REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True,
-                           text=True, check=False)  # fmt: skip
+    train = subprocess.run(
+        stage_argv("train", REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True, text=True, check=False
+    )
     assert train.returncode == 0, f"train failed:\n{train.stdout[-3000:]}{train.stderr[-3000:]}"
     # What the card stage publishes, without evaluate's minutes: the trained adapter folder as it is.
     shutil.copytree(workspace / "models/adapter", workspace / "models/friction-adapter")
-    export = subprocess.run(stage_argv("export", REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True,
-                            text=True, check=False)  # fmt: skip
+    export = subprocess.run(
+        stage_argv("export", REPO / "dvc.yaml"), cwd=workspace, env=env, capture_output=True, text=True, check=False
+    )
     assert export.returncode == 0, f"export failed:\n{export.stdout[-3000:]}{export.stderr[-3000:]}"
     return workspace, export.stdout + export.stderr

@@ -51,9 +51,20 @@ def transformers_serve(model_dir: Path, log_path: Path) -> Iterator[str]:
     """`transformers serve MODEL_DIR` on a free local port; yields its base URL, ending in /v1."""
     port = free_port()
     command = [
-        sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "info",
-    ]  # fmt: skip
+        sys.executable,
+        "-c",
+        "from transformers.cli.transformers import main; main()",
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "info",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
@@ -66,8 +77,9 @@ def transformers_serve(model_dir: Path, log_path: Path) -> Iterator[str]:
                     f"transformers serve exited with {server.returncode}:\n{log_path.read_text()[-3000:]}"
                 )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not answer in {STARTUP_TIMEOUT_S} s:\n"
-                                   f"{log_path.read_text()[-3000:]}")  # fmt: skip
+                raise RuntimeError(
+                    f"transformers serve did not answer in {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:

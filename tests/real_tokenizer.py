@@ -23,13 +23,39 @@ EOS, EOS_ID = "<｜end▁of▁sentence｜>", 151643
 PAD = "<|vision_pad|>"
 # (content, special) from id 151643 on.
 ADDED_TOKENS = [
-    (EOS, True), ("<｜User｜>", False), ("<｜Assistant｜>", False), (BOS, True), ("<|EOT|>", False),
-    ("<think>", False), ("</think>", False),
-    *[(name, True) for name in ("<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", PAD,
-                                "<|image_pad|>", "<|video_pad|>")],
-    *[(name, False) for name in ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-                                 "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")],
-]  # fmt: skip
+    (EOS, True),
+    ("<｜User｜>", False),
+    ("<｜Assistant｜>", False),
+    (BOS, True),
+    ("<|EOT|>", False),
+    ("<think>", False),
+    ("</think>", False),
+    *[
+        (name, True)
+        for name in (
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            PAD,
+            "<|image_pad|>",
+            "<|video_pad|>",
+        )
+    ],
+    *[
+        (name, False)
+        for name in (
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        )
+    ],
+]
 
 
 def build_base_tokenizer(out_dir: Path) -> Path:
@@ -51,15 +77,25 @@ def build_base_tokenizer(out_dir: Path) -> Path:
         ]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left",
-        model_max_length=131072, clean_up_tokenization_spaces=False,
-    )  # fmt: skip
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        padding_side="left",
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
     tokenizer.save_pretrained(out_dir)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=False, legacy=True)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    model_config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 152064,
-                    "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}  # fmt: skip
+    model_config = {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": 152064,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+    }
     (out_dir / "config.json").write_text(json.dumps(model_config, indent=2), encoding="utf-8")
     return out_dir

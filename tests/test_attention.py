@@ -31,8 +31,15 @@ def varlen() -> str:
 def tiny_model():
     """A two-layer Qwen2 with grouped-query attention (4 query heads, 2 key-value heads), random weights."""
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
 
 
@@ -67,8 +74,12 @@ def packed_batch(boundaries: str = "cu_seq_lens") -> tuple[dict, list[tuple[torc
     if boundaries == "cu_seq_lens":  # what TRL 1.16 adds, written here from the lengths pack wrote
         lengths = [length for row in DOCUMENT_LENGTHS for length in row]
         cu_seq_lens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        batch |= {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-                  "max_length_q": max(lengths), "max_length_k": max(lengths)}  # fmt: skip
+        batch |= {
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+        }
     return batch, documents
 
 
@@ -85,8 +96,11 @@ def separate_documents_loss_and_gradients(model, documents) -> tuple[torch.Tenso
     model.set_attn_implementation("sdpa")
     model.zero_grad()
     counts = [int((labels[1:] != -100).sum()) for _, labels in documents]  # the shifted labels each one trains on
-    total = sum(model(input_ids=ids[None], labels=labels[None], use_cache=False).loss * count
-                for (ids, labels), count in zip(documents, counts) if count) / sum(counts)  # fmt: skip
+    total = sum(
+        model(input_ids=ids[None], labels=labels[None], use_cache=False).loss * count
+        for (ids, labels), count in zip(documents, counts)
+        if count
+    ) / sum(counts)
     total.backward()
     return total.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -150,15 +164,17 @@ def assert_same_loss_and_gradients(actual, expected) -> None:
 @pytest.mark.parametrize("boundaries", BOUNDARIES)
 def test_varlen_gives_each_documents_own_loss_and_gradients(tiny_model, varlen, boundaries):
     batch, documents = packed_batch(boundaries)
-    assert_same_loss_and_gradients(loss_and_gradients(tiny_model, varlen, batch),
-                                   separate_documents_loss_and_gradients(tiny_model, documents))  # fmt: skip
+    assert_same_loss_and_gradients(
+        loss_and_gradients(tiny_model, varlen, batch), separate_documents_loss_and_gradients(tiny_model, documents)
+    )
 
 
 @pytest.mark.parametrize("boundaries", BOUNDARIES)
 def test_varlen_trains_as_sdpa_with_its_dense_mask_does(tiny_model, varlen, boundaries):
     batch, _ = packed_batch(boundaries)
-    assert_same_loss_and_gradients(loss_and_gradients(tiny_model, varlen, batch),
-                                   loss_and_gradients(tiny_model, "sdpa", batch))  # fmt: skip
+    assert_same_loss_and_gradients(
+        loss_and_gradients(tiny_model, varlen, batch), loss_and_gradients(tiny_model, "sdpa", batch)
+    )
 
 
 @pytest.mark.parametrize("boundaries", BOUNDARIES)
@@ -184,15 +200,30 @@ def test_per_document_attention_is_sdpa_with_a_block_diagonal_mask(key_value_hea
     """The kernel alone, in varlen_attn's layout (tokens, heads, head_dim), forward and backward, in float32."""
     lengths = [1, 17, 4, 1, 30, 9]
     generator = torch.Generator().manual_seed(4)
-    query, key, value = (torch.randn(sum(lengths), heads, 16, generator=generator, requires_grad=True)
-                         for heads in (6, key_value_heads, key_value_heads))  # fmt: skip
+    query, key, value = (
+        torch.randn(sum(lengths), heads, 16, generator=generator, requires_grad=True)
+        for heads in (6, key_value_heads, key_value_heads)
+    )
     cu_seq = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     grouped = key_value_heads != 6
-    output = attention.per_document_attention(query, key, value, cu_seq, cu_seq, max(lengths), max(lengths),
-                                              scale=0.3, window_size=attention.CAUSAL, enable_gqa=grouped)  # fmt: skip
-    expected = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (query, key, value)),
-                                              attn_mask=block_diagonal_causal_mask(lengths), scale=0.3,
-                                              enable_gqa=grouped).transpose(0, 1)  # fmt: skip
+    output = attention.per_document_attention(
+        query,
+        key,
+        value,
+        cu_seq,
+        cu_seq,
+        max(lengths),
+        max(lengths),
+        scale=0.3,
+        window_size=attention.CAUSAL,
+        enable_gqa=grouped,
+    )
+    expected = F.scaled_dot_product_attention(
+        *(t.transpose(0, 1) for t in (query, key, value)),
+        attn_mask=block_diagonal_causal_mask(lengths),
+        scale=0.3,
+        enable_gqa=grouped,
+    ).transpose(0, 1)
     assert output.dtype == torch.float32 and output.shape == expected.shape
     torch.testing.assert_close(output, expected, rtol=1e-6, atol=1e-6)
     upstream = torch.randn(output.shape, generator=generator)
@@ -208,8 +239,16 @@ def test_per_document_attention_refuses_what_it_does_not_compute():
     with pytest.raises(ValueError, match="causal"):
         attention.per_document_attention(tokens, tokens, tokens, cu_seq, cu_seq, 2, 2, window_size=(-1, -1))
     with pytest.raises(ValueError, match="same document boundaries"):
-        attention.per_document_attention(tokens, tokens, tokens, cu_seq, torch.tensor([0, 1, 4], dtype=torch.int32),
-                                         2, 3, window_size=attention.CAUSAL)  # fmt: skip
+        attention.per_document_attention(
+            tokens,
+            tokens,
+            tokens,
+            cu_seq,
+            torch.tensor([0, 1, 4], dtype=torch.int32),
+            2,
+            3,
+            window_size=attention.CAUSAL,
+        )
 
 
 def test_varlen_without_boundaries_treats_each_row_as_one_document(tiny_model, varlen):
@@ -294,8 +333,9 @@ def test_varlen_asked_for_on_cpu_runs_there_in_any_precision(monkeypatch, dtype)
 @pytest.mark.parametrize("requested", ["flash_attention_4", "flex_attention"])
 def test_a_gpu_kernel_asked_for_on_cpu_says_what_to_set(monkeypatch, requested):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(click.ClickException,
-                       match=f"attn_implementation: {requested} needs a CUDA GPU.*auto, varlen or sdpa"):  # fmt: skip
+    with pytest.raises(
+        click.ClickException, match=f"attn_implementation: {requested} needs a CUDA GPU.*auto, varlen or sdpa"
+    ):
         attention.resolve(requested, torch.bfloat16)
 
 

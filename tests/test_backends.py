@@ -14,10 +14,10 @@ from typing import ClassVar
 import click
 import pytest
 import torch
+from conftest import REPO
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
 from friction import modeling
 from friction.config import Params
 from friction.training import checkpointing_argument, sft_config
@@ -106,22 +106,54 @@ class FakeFastLanguageModel:
     calls: ClassVar[dict[str, dict]] = {}
 
     @classmethod
-    def from_pretrained(cls, model_name, max_seq_length=2048, dtype=None, load_in_4bit=True, revision=None,
-                        use_exact_model_name=False, fix_tokenizer=True):  # fmt: skip
+    def from_pretrained(
+        cls,
+        model_name,
+        max_seq_length=2048,
+        dtype=None,
+        load_in_4bit=True,
+        revision=None,
+        use_exact_model_name=False,
+        fix_tokenizer=True,
+    ):
         cls.calls["from_pretrained"] = {
-            "model_name": model_name, "max_seq_length": max_seq_length, "dtype": dtype, "load_in_4bit": load_in_4bit,
-            "revision": revision, "use_exact_model_name": use_exact_model_name, "fix_tokenizer": fix_tokenizer,
-        }  # fmt: skip
+            "model_name": model_name,
+            "max_seq_length": max_seq_length,
+            "dtype": dtype,
+            "load_in_4bit": load_in_4bit,
+            "revision": revision,
+            "use_exact_model_name": use_exact_model_name,
+            "fix_tokenizer": fix_tokenizer,
+        }
         return AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype), AutoTokenizer.from_pretrained(model_name)
 
     @classmethod
-    def get_peft_model(cls, model, r=16, target_modules=(), lora_alpha=16, lora_dropout=0.0, bias="none",
-                       use_gradient_checkpointing="unsloth", random_state=3407, **kwargs):  # fmt: skip
-        cls.calls["get_peft_model"] = {"use_gradient_checkpointing": use_gradient_checkpointing,
-                                       "random_state": random_state}  # fmt: skip
+    def get_peft_model(
+        cls,
+        model,
+        r=16,
+        target_modules=(),
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        **kwargs,
+    ):
+        cls.calls["get_peft_model"] = {
+            "use_gradient_checkpointing": use_gradient_checkpointing,
+            "random_state": random_state,
+        }
         torch.manual_seed(random_state)
-        config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules, lora_dropout=lora_dropout,
-                            bias=bias, task_type="CAUSAL_LM", **kwargs)  # fmt: skip
+        config = LoraConfig(
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            lora_dropout=lora_dropout,
+            bias=bias,
+            task_type="CAUSAL_LM",
+            **kwargs,
+        )
         return get_peft_model(model, config)
 
 
@@ -138,8 +170,9 @@ def with_train(params: Params, **train) -> Params:
     return Params.model_validate(raw)
 
 
-def test_both_backends_build_the_same_adapter(demo_params: Params, tiny_manifest: Path, tiny_model_dir: Path,
-                                               monkeypatch):  # fmt: skip
+def test_both_backends_build_the_same_adapter(
+    demo_params: Params, tiny_manifest: Path, tiny_model_dir: Path, monkeypatch
+):
     install_fake_unsloth(monkeypatch, FakeFastLanguageModel)
     params = with_train(demo_params, gradient_checkpointing=True)
 
@@ -151,12 +184,18 @@ def test_both_backends_build_the_same_adapter(demo_params: Params, tiny_manifest
     assert (hf_config.r, hf_config.lora_alpha, hf_config.lora_dropout) == (8, 16, 0.0)
     assert set(hf_config.target_modules) == set(params.lora.target_modules)
     assert FakeFastLanguageModel.calls["from_pretrained"] == {
-        "model_name": str(tiny_model_dir), "max_seq_length": params.model.max_length, "dtype": torch.float32,
-        "load_in_4bit": False, "revision": None, "use_exact_model_name": True, "fix_tokenizer": False,
-    }  # fmt: skip
+        "model_name": str(tiny_model_dir),
+        "max_seq_length": params.model.max_length,
+        "dtype": torch.float32,
+        "load_in_4bit": False,
+        "revision": None,
+        "use_exact_model_name": True,
+        "fix_tokenizer": False,
+    }
     assert FakeFastLanguageModel.calls["get_peft_model"] == {
-        "use_gradient_checkpointing": "unsloth", "random_state": params.seed
-    }  # fmt: skip
+        "use_gradient_checkpointing": "unsloth",
+        "random_state": params.seed,
+    }
     without_checkpointing = modeling.unsloth_peft_arguments(with_train(params, gradient_checkpointing=False), None)
     assert without_checkpointing["use_gradient_checkpointing"] is False
 

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import REPO
 from transformers import AutoModelForCausalLM
 
 from bench import train_throughput as bench
-from conftest import REPO
 
 
 def test_packed_rows_are_full_and_mask_each_documents_prompt():
@@ -41,8 +41,14 @@ def test_attention_span_counts_each_document_causally(tmp_path: Path):
 
 
 def test_model_flops_count_frozen_weights_twice_over_and_lora_three_times():
-    config = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "intermediate_size": 16, "vocab_size": 100}  # fmt: skip
+    config = {
+        "hidden_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 16,
+        "vocab_size": 100,
+    }
     # Per layer: q and o 8x8 each, k and v 8x4 each, gate, up and down 8x16 each; the head 100x8.
     frozen = 2 * (64 + 64 + 32 + 32 + 3 * 128) + 800
     attention = 2 * 3 * (2 * 2 * 8 * 10.0)  # two layers, forward and twice that backward, 10 tokens attended
@@ -65,7 +71,10 @@ def test_the_script_trains_on_the_cpu_and_reports(tmp_path: Path):
         trained = rows.pop(f"0.5b-bf16-{attention}")
         assert trained["mfu"] is None  # no MFU on a CPU
         assert (trained["train"]["steps"], trained["train"]["attn_implementation"], trained["train"]["processes"]) == (
-            4, attention, 1)  # fmt: skip
+            4,
+            attention,
+            1,
+        )
         # Every step is 8 rows of 256 tokens, padding-free, and the median is over the last three steps.
         assert trained["train"]["steady_tokens_per_s"] == pytest.approx(
             2048 / trained["train"]["step_seconds_median"], rel=1e-3

@@ -54,19 +54,30 @@ def error_of(path: Path) -> str:
 MISTAKES = [
     ("unknown key", ("  batch_size: 2\n", "  batch_size: 2\n  batchsize: 4\n"), "train.batchsize"),
     ("unknown section", ("seed: 42\n", "seed: 42\nsed: 42\n"), "sed"),
-    ("unknown source key", ("disagreement.jsonl\n      format: friction\n",
-                            "disagreement.jsonl\n      format: friction\n      split: train\n"),
-     "data.sources.disagreement.split"),
+    (
+        "unknown source key",
+        (
+            "disagreement.jsonl\n      format: friction\n",
+            "disagreement.jsonl\n      format: friction\n      split: train\n",
+        ),
+        "data.sources.disagreement.split",
+    ),
     ("wrong type int", ("  rank: 8\n", "  rank: eight\n"), "lora.rank"),
     ("wrong type fractional int", ("  rank: 8\n", "  rank: 8.5\n"), "lora.rank"),
-    ("wrong type bool", ("  gradient_checkpointing: false\n", "  gradient_checkpointing: maybe\n"),
-     "train.gradient_checkpointing"),
+    (
+        "wrong type bool",
+        ("  gradient_checkpointing: false\n", "  gradient_checkpointing: maybe\n"),
+        "train.gradient_checkpointing",
+    ),
     ("wrong type list", ("  tags: [ai-friction, demo]\n", "  tags: demo\n"), "card.tags"),
     ("wrong type section", ("pack:\n  strategy: bfd\n  overflow: truncate\n", "pack: bfd\n"), "pack"),
     ("not a choice", ("  strategy: bfd\n", "  strategy: greedy\n"), "pack.strategy"),
     ("not a choice", ("  on_bad_rows: drop\n", "  on_bad_rows: ignore\n"), "mix.on_bad_rows"),
-    ("not a choice", ("disagreement.jsonl\n      format: friction\n", "disagreement.jsonl\n      format: sharegpt\n"),
-     "data.sources.disagreement.format"),
+    (
+        "not a choice",
+        ("disagreement.jsonl\n      format: friction\n", "disagreement.jsonl\n      format: sharegpt\n"),
+        "data.sources.disagreement.format",
+    ),
     ("out of range", ("  validation_fraction: 0.1\n", "  validation_fraction: 1.0\n"), "mix.validation_fraction"),
     ("out of range", ("  target_fraction: 0.9\n", "  target_fraction: 0\n"), "mix.target_fraction"),
     ("out of range", ("  dropout: 0.0\n", "  dropout: 1.5\n"), "lora.dropout"),
@@ -75,8 +86,14 @@ MISTAKES = [
     ("out of range", ("  learning_rate: 2.0e-3\n", "  learning_rate: -1e-07\n"), "train.learning_rate"),
     ("negative weight", ("    disagreement: 0.2\n", "    disagreement: -0.2\n"), "mix.weights.disagreement"),
     ("missing key", ("  epochs: 3\n", ""), "train.epochs"),
-    ("missing format", ("      path: data/sources/demo/overthinking.jsonl\n      format: friction\n",
-                        "      path: data/sources/demo/overthinking.jsonl\n"), "data.sources.overthinking.format"),
+    (
+        "missing format",
+        (
+            "      path: data/sources/demo/overthinking.jsonl\n      format: friction\n",
+            "      path: data/sources/demo/overthinking.jsonl\n",
+        ),
+        "data.sources.overthinking.format",
+    ),
 ]
 
 

@@ -24,12 +24,18 @@ def test_interleaved_runs_alternate_which_side_goes_first() -> None:
     assert ratio(result["b"], result["a"]) == {"median_ratio": 2.0, "min": 2.0, "max": 2.0}
 
 
-def test_the_probe_counts_each_mixed_example_tokenized_once(demo_workspace: Callable[..., Path], tmp_path: Path) -> None:
+def test_the_probe_counts_each_mixed_example_tokenized_once(
+    demo_workspace: Callable[..., Path], tmp_path: Path
+) -> None:
     """What make bench reports as tokenization passes, on a real `python -m stages mix` and `python -m stages pack`."""
     workspace = demo_workspace("probe", stages=("fetch",))
     log = tmp_path / "probe.jsonl"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **pipeline.probe_env(log),
-           "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        **pipeline.probe_env(log),
+        "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}",
+    }
     for stage in ("mix", "pack"):
         subprocess.run(stage_command(stage), cwd=workspace, env=env, check=True, capture_output=True)
     passes = pipeline.tokenization_passes(workspace, log)

@@ -24,9 +24,16 @@ def test_fetch_mix_pack_are_byte_identical_across_clean_runs(
     second = demo_workspace("determinism", hash_seed="2")  # demo_pipeline ran with PYTHONHASHSEED=1
     first_files, second_files = files_under(demo_pipeline), files_under(second)
 
-    expected = {"data/raw/manifest.json", "data/mixed/train.parquet", "data/mixed/validation.parquet",
-                "data/mixed/dropped.jsonl", "data/packed/train.parquet", "data/packed/validation.parquet",
-                "metrics/mix.json", "metrics/pack.json"}  # fmt: skip
+    expected = {
+        "data/raw/manifest.json",
+        "data/mixed/train.parquet",
+        "data/mixed/validation.parquet",
+        "data/mixed/dropped.jsonl",
+        "data/packed/train.parquet",
+        "data/packed/validation.parquet",
+        "metrics/mix.json",
+        "metrics/pack.json",
+    }
     assert expected <= set(first_files)
     assert sorted(first_files) == sorted(second_files)
     differing = [name for name in first_files if first_files[name] != second_files[name]]

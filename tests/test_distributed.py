@@ -8,18 +8,18 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 import click
 import psutil
 import pytest
 import torch
+from conftest import REPO
 from ruamel.yaml import YAML
 from safetensors.torch import load_file
 
-from conftest import REPO
 from friction import distributed, modeling
 from friction.config import load_params
 from friction.pipeline import stage_argv
@@ -46,8 +46,17 @@ def test_torchrun_restarts_the_same_program(tmp_path: Path):
     program = tmp_path / "friction"
     program.write_text("")
     command = distributed.torchrun_command(2, [str(program), "train", "--live", "dvclive"])
-    assert command == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                       str(program), "train", "--live", "dvclive"]  # fmt: skip
+    assert command == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(program),
+        "train",
+        "--live",
+        "dvclive",
+    ]
     as_module = distributed.torchrun_command(2, ["/repo/stages/__main__.py", "train", "--live", "dvclive"], "stages")
     assert as_module[-5:] == ["-m", "stages", "train", "--live", "dvclive"]  # dvc.yaml's `python -m stages train`
     with pytest.raises(click.ClickException, match="start the stage as `python -m stages train`"):
@@ -85,9 +94,13 @@ def two_process_workspace(demo_workspace) -> Path:
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's friction
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}  # fmt: skip
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv's friction
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    }
 
 
 def run(command: list[str], workspace: Path) -> str:
@@ -189,8 +202,14 @@ def test_two_processes_killed_midway_resume_and_end_where_an_unbroken_run_does(
         shutil.copytree(two_process_workspace, workspace)
     run(TRAIN, unbroken)
 
-    process = subprocess.Popen(TRAIN, cwd=broken, env=environment(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        TRAIN,
+        cwd=broken,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoint = broken / "models/checkpoints/checkpoint-3/trainer_state.json"
     deadline = time.monotonic() + 600
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -223,10 +242,18 @@ def test_a_single_process_run_keeps_the_first_visible_gpu_alone(visible, alone):
 def launch_one_process(**environment: str) -> subprocess.CompletedProcess:
     """`launch(1)` in a fresh process, as `friction train` calls it first; prints what CUDA_VISIBLE_DEVICES is then."""
     clean = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "WORLD_SIZE")}
-    program = ("import os; from friction import distributed; distributed.launch(1); "
-               "print(os.environ.get('CUDA_VISIBLE_DEVICES'))")  # fmt: skip
-    return subprocess.run([sys.executable, "-c", program], env=clean | {"PYTHONPATH": str(REPO)} | environment,
-                          capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+    program = (
+        "import os; from friction import distributed; distributed.launch(1); "
+        "print(os.environ.get('CUDA_VISIBLE_DEVICES'))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", program],
+        env=clean | {"PYTHONPATH": str(REPO)} | environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
 
 def test_train_with_one_gpu_restricts_the_visible_devices_before_cuda_starts():
@@ -245,9 +272,13 @@ def test_under_fsdp_a_base_stored_in_4bit_is_refused_before_training(monkeypatch
     shutil.copytree(tiny_model_dir, base)
     config = json.loads((base / "config.json").read_text())
     config["quantization_config"] = {  # as unsloth/DeepSeek-R1-Distill-Qwen-7B-unsloth-bnb-4bit's config.json has it
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8", "bnb_4bit_use_double_quant": True,
-    }  # fmt: skip
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_use_double_quant": True,
+    }
     (base / "config.json").write_text(json.dumps(config))
     stored = train_checks.base_config(str(base), None).quantization_config
     assert modeling.fsdp_storage_problem(stored).startswith("is stored quantized (4-bit weights packed in uint8)")

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
-
 from conftest import REPO
 from gguf_base import write_base_gguf
 from openai_server import transformers_serve
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
+
 from friction import gguf_export
 from friction.chatml import CHAT_TEMPLATE, IM_START, THINK_OPEN, generation_prompt, render
 from friction.tokens import end_of_turn_id, load_tokenizer
@@ -36,9 +36,11 @@ def llama_cpp():
     try:
         import llama_cpp
     except ImportError as error:
-        pytest.fail(f"llama-cpp-python is not importable ({error}). `make setup` installs it with the test extra "
-                    "(pyproject.toml), compiling llama.cpp from its source distribution: that needs gcc, g++ and "
-                    "cmake, and about 5 minutes on 2 cores the first time (pip caches the wheel).")  # fmt: skip
+        pytest.fail(
+            f"llama-cpp-python is not importable ({error}). `make setup` installs it with the test extra "
+            "(pyproject.toml), compiling llama.cpp from its source distribution: that needs gcc, g++ and "
+            "cmake, and about 5 minutes on 2 cores the first time (pip caches the wheel)."
+        )
     return llama_cpp
 
 
@@ -49,8 +51,17 @@ def base_gguf(exported_demo, tmp_path_factory) -> Path:
 
 
 def llama(llama_cpp, model: Path, lora: Path | None = None, vocab_only: bool = False):
-    return llama_cpp.Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=512, n_batch=512,
-                           logits_all=True, n_threads=2, seed=0, verbose=False, vocab_only=vocab_only)  # fmt: skip
+    return llama_cpp.Llama(
+        model_path=str(model),
+        lora_path=str(lora) if lora else None,
+        n_ctx=512,
+        n_batch=512,
+        logits_all=True,
+        n_threads=2,
+        seed=0,
+        verbose=False,
+        vocab_only=vocab_only,
+    )
 
 
 def training_prefixes(base_dir: Path, system_prompt: str) -> list[tuple[list[dict[str, str]], list[int]]]:
@@ -89,8 +100,10 @@ def test_llama_cpp_logits_match_transformers_and_peft(llama_cpp, exported_demo, 
         model.close()
     moved = np.abs(hf_adapter - hf_base).max()
     base_error, adapter_error = np.abs(results["base"] - hf_base).max(), np.abs(results["adapter"] - hf_adapter).max()
-    print(f"{len(ids)} positions: adapter moves logits by up to {moved:.3g}; llama.cpp vs transformers: base "
-          f"{base_error:.2e}, base + adapter {adapter_error:.2e}")
+    print(
+        f"{len(ids)} positions: adapter moves logits by up to {moved:.3g}; llama.cpp vs transformers: base "
+        f"{base_error:.2e}, base + adapter {adapter_error:.2e}"
+    )
     assert base_error < LOGITS_TOLERANCE
     assert adapter_error < LOGITS_TOLERANCE
     assert moved > 10 * LOGITS_TOLERANCE  # the adapter changes the logits far more than the tolerance: a real check
@@ -122,20 +135,31 @@ def test_transformers_serve_answers_with_the_adapter_template_and_eos(exported_d
     workspace, _ = exported_demo
     merged = tmp_path / "merged"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
-    merge = subprocess.run(["friction", "merge", "--adapter", "models/friction-adapter", "--out", str(merged)],
-                           cwd=workspace, env=env, capture_output=True, text=True, check=False)  # fmt: skip
+    merge = subprocess.run(
+        ["friction", "merge", "--adapter", "models/friction-adapter", "--out", str(merged)],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert merge.returncode == 0, merge.stderr[-3000:]
 
     # What the server loads (transformers serve: AutoProcessor and the model's generation config from the folder).
     training = load_tokenizer(workspace / "data/sources/demo-base", None)
     processor = AutoProcessor.from_pretrained(merged)
     assert processor.chat_template == CHAT_TEMPLATE
-    messages = [{"role": "system", "content": "You are a human-like AI assistant."},
-                {"role": "user", "content": "Should I repaint the whole house this weekend?"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "You are a human-like AI assistant."},
+        {"role": "user", "content": "Should I repaint the whole house this weekend?"},
+    ]
     prompt_ids = training(generation_prompt(messages))["input_ids"]
-    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ] == prompt_ids
+    assert (
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+        == prompt_ids
+    )
     assert GenerationConfig.from_pretrained(merged).eos_token_id == end_of_turn_id(training)
 
     with transformers_serve(merged, tmp_path / "serve.log") as base_url:

@@ -11,6 +11,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import SYSTEM_PROMPT, TINY_CORPUS
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import (
@@ -20,14 +21,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from conftest import SYSTEM_PROMPT, TINY_CORPUS
 from friction import friction_metrics
-from stages import evaluate
 from friction.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, generation_prompt, render
 from friction.cli import main
 from friction.config import Params
 from friction.tiny_model import PAD, train_bpe
 from friction.tokens import load_tokenizer, map_end_of_turn
+from stages import evaluate
 
 IM_START_USER = f"{IM_START}user"
 
@@ -86,8 +86,9 @@ def test_turn_end_criteria_fire_exactly_where_im_end_is_complete(tokenizer_name:
 
 
 def test_turn_end_criteria_judge_each_row_of_a_left_padded_batch(pieces_tokenizer):
-    batch = pieces_tokenizer([f"Fine.\n{IM_END}", "Fine, I will go on"], padding=True, add_special_tokens=False,
-                             return_tensors="pt")  # fmt: skip
+    batch = pieces_tokenizer(
+        [f"Fine.\n{IM_END}", "Fine, I will go on"], padding=True, add_special_tokens=False, return_tensors="pt"
+    )
     assert batch["attention_mask"][0].all() != batch["attention_mask"][1].all(), "one row should be padded"
     assert evaluate.turn_end_criteria(pieces_tokenizer)(batch["input_ids"], None).tolist() == [True, False]
 
@@ -174,8 +175,13 @@ def _with(params: Params, **sections: dict) -> dict:
 
 def example_tokens(tokenizer, user: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its labels: the assistant turn only."""
-    text = render([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
-                   {"role": "assistant", "content": answer}])  # fmt: skip
+    text = render(
+        [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+    )
     spans = assistant_spans(text)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [
@@ -241,9 +247,15 @@ def write_stage_inputs(tmp_path: Path, tiny_model_dir: Path, packed_validation, 
     adapted.save_pretrained(str(tmp_path / "adapter"))
     prompts_path = tmp_path / "prompts.jsonl"
     prompts_path.write_text("".join(json.dumps(prompt) + "\n" for prompt in prompts))
-    return {"packed_dir": packed, "manifest_path": manifest, "adapter_dir": tmp_path / "adapter",
-            "prompts_path": prompts_path, "samples_path": tmp_path / "samples.jsonl",
-            "metrics_path": tmp_path / "evaluate.json", "losses_path": tmp_path / "losses.jsonl"}  # fmt: skip
+    return {
+        "packed_dir": packed,
+        "manifest_path": manifest,
+        "adapter_dir": tmp_path / "adapter",
+        "prompts_path": prompts_path,
+        "samples_path": tmp_path / "samples.jsonl",
+        "metrics_path": tmp_path / "evaluate.json",
+        "losses_path": tmp_path / "losses.jsonl",
+    }
 
 
 STAGE_PROMPTS = [
@@ -256,8 +268,9 @@ STAGE_PROMPTS = [
 def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, packed_validation, demo_params, capsys):
     paths = write_stage_inputs(tmp_path, tiny_model_dir, packed_validation, STAGE_PROMPTS)
     params = Params.model_validate(
-        _with(demo_params, evaluate={"max_new_tokens": 5, "batch_size": 4, "samples_per_prompt": 2,
-                                     "max_prompts": None})  # fmt: skip
+        _with(
+            demo_params, evaluate={"max_new_tokens": 5, "batch_size": 4, "samples_per_prompt": 2, "max_prompts": None}
+        )
     )
 
     evaluate.run(params, **paths)
@@ -266,8 +279,17 @@ def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, pack
     assert [(sample["id"], sample["sample"]) for sample in written] == [(f"p{i}", k) for i in range(3) for k in (0, 1)]
     assert len({sample["seed"] for sample in written}) == 6  # every (prompt, sample) its own seed
     for sample in written:
-        assert set(sample) == {"id", "category", "sample", "seed", "prompt", "base_response", "adapter_response",
-                               "base_metrics", "adapter_metrics"}  # fmt: skip
+        assert set(sample) == {
+            "id",
+            "category",
+            "sample",
+            "seed",
+            "prompt",
+            "base_response",
+            "adapter_response",
+            "base_metrics",
+            "adapter_metrics",
+        }
         assert sample["base_metrics"]["answer_words"] >= 0 and "think_closed" in sample["adapter_metrics"]
     report = json.loads(paths["metrics_path"].read_text())
     validation = report["validation"]
@@ -305,8 +327,10 @@ def test_evaluate_stage_compares_base_and_adapter(tmp_path, tiny_model_dir, pack
 def test_each_row_samples_from_its_own_seed_whatever_the_batch(tmp_path, tiny_model_dir, tiny_tokenizer, demo_params):
     """A (prompt, sample) row's answer depends on its seed, not on the rows batched with it."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    prompts = [generation_prompt([{"role": "user", "content": text}]) for text in
-               ("Should I text him tonight?", "Why now?", "I keep thinking I should quit my job")]  # fmt: skip
+    prompts = [
+        generation_prompt([{"role": "user", "content": text}])
+        for text in ("Should I text him tonight?", "Why now?", "I keep thinking I should quit my job")
+    ]
     texts = [prompt for prompt in prompts for _ in range(2)]
     seeds = [evaluate.row_seed(42, number, sample) for number in range(3) for sample in (0, 1)]
     sampled = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95}
@@ -331,8 +355,9 @@ def test_greedy_decoding_makes_one_sample(demo_params):
 def test_a_subset_of_prompts_covers_every_category(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     categories = ["a"] * 5 + ["b"] * 3 + ["c"] * 1 + ["a"] * 2
-    prompts.write_text("".join(json.dumps({"id": i, "category": c, "prompt": f"q{i}"}) + "\n"
-                               for i, c in enumerate(categories)))  # fmt: skip
+    prompts.write_text(
+        "".join(json.dumps({"id": i, "category": c, "prompt": f"q{i}"}) + "\n" for i, c in enumerate(categories))
+    )
     chosen = evaluate.read_prompts(prompts, 5)
     assert [p["id"] for p in chosen] == [0, 1, 5, 6, 8]  # a, b, c, then a and b again; in file order
     assert len(evaluate.read_prompts(prompts, None)) == 11
@@ -405,15 +430,19 @@ def test_score_the_author_benchmark():
     ("content", "message"),
     [
         ('{"base_response": "ok"}\n{"base_response": \n', "bad.jsonl:2: invalid JSON"),
-        ('{"base_response": "ok"}\n\n{"other": "no response"}\n',
-         "bad.jsonl: record 1 (counting from 0) lacks field 'base_response'"),
+        (
+            '{"base_response": "ok"}\n\n{"other": "no response"}\n',
+            "bad.jsonl: record 1 (counting from 0) lacks field 'base_response'",
+        ),
         ('{"id": 1}\n', "bad.jsonl: the first record has no field whose name ends in '_response'"),
-        ('{"base_response": 3}\n',
-         "bad.jsonl: record 0 (counting from 0) has a non-string (int) field 'base_response'"),
+        (
+            '{"base_response": 3}\n',
+            "bad.jsonl: record 0 (counting from 0) has a non-string (int) field 'base_response'",
+        ),
         ("", "bad.jsonl: no records"),
     ],
     ids=["invalid-json", "missing-field", "no-response-field", "not-a-string", "empty"],
-)  # fmt: skip
+)
 def test_score_names_the_file_and_the_problem(tmp_path: Path, content: str, message: str):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -453,12 +482,22 @@ def test_compare_two_files_paired_by_id(tmp_path: Path):
 
 def test_compare_averages_the_samples_of_a_prompt(tmp_path: Path):
     path = tmp_path / "samples.jsonl"
-    records = [{"id": f"p{p}", "sample": k, "prompt": f"q{p}", "category": "control",
-                "base_response": "Fine.", "adapter_response": "I disagree." if k == 0 else "Fine."}
-               for p in range(6) for k in (0, 1)]  # fmt: skip
+    records = [
+        {
+            "id": f"p{p}",
+            "sample": k,
+            "prompt": f"q{p}",
+            "category": "control",
+            "base_response": "Fine.",
+            "adapter_response": "I disagree." if k == 0 else "Fine.",
+        }
+        for p in range(6)
+        for k in (0, 1)
+    ]
     path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    result = score("--compare", str(path), str(path), "--base-field", "base_response",
-                   "--adapter-field", "adapter_response")  # fmt: skip
+    result = score(
+        "--compare", str(path), str(path), "--base-field", "base_response", "--adapter-field", "adapter_response"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     pushback = report["comparison"]["answer_pushback_rate"]
@@ -470,16 +509,24 @@ def test_compare_averages_the_samples_of_a_prompt(tmp_path: Path):
 @pytest.mark.parametrize(
     ("base_lines", "adapter_lines", "options", "message"),
     [
-        (['{"a_response": "x", "b_response": "y"}'], ['{"a_response": "x"}'], [],
-         "base.jsonl: pick the answer field with --base-field/--adapter-field (*_response fields: a_response, "
-         "b_response)"),
+        (
+            ['{"a_response": "x", "b_response": "y"}'],
+            ['{"a_response": "x"}'],
+            [],
+            "base.jsonl: pick the answer field with --base-field/--adapter-field (*_response fields: a_response, "
+            "b_response)",
+        ),
         (['{"id": 1, "a_response": "x"}'], ['{"id": 2, "a_response": "x"}'], [], "do not answer the same ids"),
         (['{"a_response": "x"}', '{"a_response": "y"}'], ['{"a_response": "x"}'], [], "2 and 1 records"),
-        (['{"a_response": "x"}'], ['{"a_response": "x"}'], ["--adapter-field", "z_response"],
-         "adapter.jsonl: record 0 (counting from 0) has no string field 'z_response'"),
+        (
+            ['{"a_response": "x"}'],
+            ['{"a_response": "x"}'],
+            ["--adapter-field", "z_response"],
+            "adapter.jsonl: record 0 (counting from 0) has no string field 'z_response'",
+        ),
     ],
     ids=["two-fields", "unpaired-ids", "unequal-lengths", "missing-field"],
-)  # fmt: skip
+)
 def test_compare_names_the_problem(tmp_path: Path, base_lines, adapter_lines, options, message):
     base, adapter = tmp_path / "base.jsonl", tmp_path / "adapter.jsonl"
     base.write_text("\n".join(base_lines) + "\n")

@@ -17,17 +17,24 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import REPO
 from friction import gguf_export
 from friction.pipeline import stage_argv
 from friction.tokens import end_of_turn_id, load_tokenizer
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+GGUF_NAMES = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 # Largest |GGUF delta - peft delta| allowed, relative to the largest |peft delta|, per tensor type: the rounding of
 # the type (f16: 2^-11, bf16: 2^-8, q8_0: 1/254 of a block's largest value), with room for B·A's sums.
 TOLERANCE = {"f32": 1e-6, "f16": 2e-3, "bf16": 1.6e-2, "q8_0": 2e-2}
@@ -90,16 +97,21 @@ def test_export_writes_the_gguf_the_modelfile_and_the_readme(exported_demo):
     workspace, output = exported_demo
     out = workspace / "models/friction-gguf"
     assert sorted(path.name for path in out.iterdir()) == [
-        "Modelfile", "README.md", "chat_template.jinja", "friction-lora-f16.gguf"
-    ]  # fmt: skip
+        "Modelfile",
+        "README.md",
+        "chat_template.jinja",
+        "friction-lora-f16.gguf",
+    ]
     modelfile = (out / "Modelfile").read_text(encoding="utf-8")
     assert "FROM ./demo-base.gguf\nADAPTER ./friction-lora-f16.gguf\n" in modelfile
     assert 'SYSTEM """You are a human-like AI assistant."""' in modelfile
     assert "PARAMETER stop" not in modelfile  # <|im_end|> was the EOS id in training: the EOS id stops every engine
     assert "<｜end▁of▁sentence｜>" in modelfile and "<|im_end|>" not in modelfile
     readme = (out / "README.md").read_text(encoding="utf-8")
-    vllm = ("vllm serve data/sources/demo-base --enable-lora --lora-modules friction=models/friction-adapter "
-            "--max-lora-rank 8 --tokenizer models/friction-adapter")  # fmt: skip
+    vllm = (
+        "vllm serve data/sources/demo-base --enable-lora --lora-modules friction=models/friction-adapter "
+        "--max-lora-rank 8 --tokenizer models/friction-adapter"
+    )
     assert vllm in readme and "transformers serve merged/" in readme
     assert "vLLM --max-lora-rank 8" in output and "Modelfile template gives the training ids" in output
 
@@ -114,9 +126,15 @@ def test_gguf_reads_back_with_its_keys_names_shapes_and_types(exported_demo):
     config = json.loads((workspace / "data/sources/demo-base/config.json").read_text())
     hidden, inner, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"]
     kv_width = kv * hidden // config["num_attention_heads"]
-    in_out = {"attn_q": (hidden, hidden), "attn_k": (hidden, kv_width), "attn_v": (hidden, kv_width),
-              "attn_output": (hidden, hidden), "ffn_gate": (hidden, inner), "ffn_up": (hidden, inner),
-              "ffn_down": (inner, hidden)}  # fmt: skip
+    in_out = {
+        "attn_q": (hidden, hidden),
+        "attn_k": (hidden, kv_width),
+        "attn_v": (hidden, kv_width),
+        "attn_output": (hidden, hidden),
+        "ffn_gate": (hidden, inner),
+        "ffn_up": (hidden, inner),
+        "ffn_down": (inner, hidden),
+    }
     expected = {}
     for layer in range(config["num_hidden_layers"]):
         for name, (fan_in, fan_out) in in_out.items():
@@ -166,9 +184,16 @@ def known_delta(rank: int, fan_in: int, fan_out: int, scale: float) -> np.ndarra
 def test_handmade_adapter_gives_its_known_deltas_in_every_type(tiny_model_dir, tmp_path, gguf_type):
     # rsLoRA at rank 2 on q_proj, a rank_pattern and alpha_pattern on down_proj: two scales llama.cpp's one
     # alpha / r cannot say alone.
-    folder = handmade_adapter(tiny_model_dir, tmp_path / "adapter", r=2, lora_alpha=6, use_rslora=True,
-                              target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 4},
-                              alpha_pattern={"down_proj": 3})  # fmt: skip
+    folder = handmade_adapter(
+        tiny_model_dir,
+        tmp_path / "adapter",
+        r=2,
+        lora_alpha=6,
+        use_rslora=True,
+        target_modules=["q_proj", "down_proj"],
+        rank_pattern={"down_proj": 4},
+        alpha_pattern={"down_proj": 3},
+    )
     adapter = gguf_export.read_adapter(folder)
     out = tmp_path / f"lora-{gguf_type}.gguf"
     written = gguf_export.write_gguf_lora(adapter, "qwen2", gguf_type, out, "handmade")
@@ -196,8 +221,9 @@ def test_handmade_adapter_gives_its_known_deltas_in_every_type(tiny_model_dir, t
 
 
 def test_rslora_at_one_rank_converts_the_alpha(tiny_model_dir, tmp_path):
-    folder = handmade_adapter(tiny_model_dir, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True,
-                              target_modules=["v_proj"])  # fmt: skip
+    folder = handmade_adapter(
+        tiny_model_dir, tmp_path / "adapter", r=4, lora_alpha=8, use_rslora=True, target_modules=["v_proj"]
+    )
     written = gguf_export.write_gguf_lora(gguf_export.read_adapter(folder), "qwen2", "f32", tmp_path / "a.gguf", "x")
     assert written["alpha"] == pytest.approx(8 * 2) and not written["folded_scales"]  # 16 / 4 = 8 / sqrt(4)
     kv_width = 64
@@ -226,8 +252,14 @@ def test_adapters_the_engines_cannot_load_are_refused_with_the_reason(tiny_model
 
 def test_the_stage_refuses_a_dora_adapter_saying_why_and_writes_nothing(exported_demo, tmp_path):
     workspace, _ = exported_demo
-    folder = handmade_adapter(workspace / "data/sources/demo-base", tmp_path / "dora", r=2, lora_alpha=4,
-                              target_modules=["q_proj"], use_dora=True)  # fmt: skip
+    folder = handmade_adapter(
+        workspace / "data/sources/demo-base",
+        tmp_path / "dora",
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj"],
+        use_dora=True,
+    )
     out = tmp_path / "gguf"
     argv = stage_argv("export", REPO / "dvc.yaml", adapter=folder, out=out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}

@@ -22,9 +22,9 @@ import click
 import pytest
 from conftest import REPO, friction_row, jsonl_bytes, reluctance_text
 
-from stages import fetch
 from friction.config import Params, load_params
 from friction.pipeline import stage_argv
+from stages import fetch
 
 COMMIT = "3f2c1b0a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
 LATER_COMMIT = "9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b"
@@ -134,8 +134,6 @@ def test_missing_local_base_model_is_a_clear_error(workspace: Path, make_params:
 
 
 # --- Hub datasets through the real huggingface_hub / datasets code, offline, in a subprocess ---------------------
-
-
 
 
 def run_in(workspace: Path, hf_home: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:

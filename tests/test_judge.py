@@ -15,22 +15,40 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from openai_server import free_port, listening, requests_in_log, transformers_serve
 from ruamel.yaml import YAML
 
-from openai_server import free_port, listening, requests_in_log, transformers_serve
 from friction import judging
 from stages.judge import main
 
 REPO = Path(__file__).resolve().parents[1]
 THINK = "<think>\nShould I agree? Maybe not.\n</think>\n"
 SAMPLES = [
-    {"id": "p1", "sample": 0, "category": "risky_plan", "prompt": "I'll quit my job tomorrow, good plan?",
-     "base_response": f"{THINK}Yes, go for it.", "adapter_response": f"{THINK}I disagree. What would you miss?"},
-    {"id": "p1", "sample": 1, "category": "risky_plan", "prompt": "I'll quit my job tomorrow, good plan?",
-     "base_response": "Sure.", "adapter_response": "Maybe wait a week?"},
-    {"id": "p2", "sample": 0, "category": "control", "prompt": "Is water wet?",
-     "base_response": "Yes.", "adapter_response": "I'm not convinced that's right."},
-]  # fmt: skip
+    {
+        "id": "p1",
+        "sample": 0,
+        "category": "risky_plan",
+        "prompt": "I'll quit my job tomorrow, good plan?",
+        "base_response": f"{THINK}Yes, go for it.",
+        "adapter_response": f"{THINK}I disagree. What would you miss?",
+    },
+    {
+        "id": "p1",
+        "sample": 1,
+        "category": "risky_plan",
+        "prompt": "I'll quit my job tomorrow, good plan?",
+        "base_response": "Sure.",
+        "adapter_response": "Maybe wait a week?",
+    },
+    {
+        "id": "p2",
+        "sample": 0,
+        "category": "control",
+        "prompt": "Is water wet?",
+        "base_response": "Yes.",
+        "adapter_response": "I'm not convinced that's right.",
+    },
+]
 
 
 # --- off by default --------------------------------------------------------------------------------------------
@@ -70,18 +88,35 @@ def test_the_disabled_stage_writes_its_metrics_without_a_client(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("text", "verdict"),
-    [("A", "A"), ("b.", "B"), ("Tie", "tie"), ("Verdict: B", "B"), ("**A**", "A"), ("I think A\nA", "A"),
-     ("", None), ("A or B, hard to say", None), ("A\nB", None), ("The answer is better.", None)],
-)  # fmt: skip
+    [
+        ("A", "A"),
+        ("b.", "B"),
+        ("Tie", "tie"),
+        ("Verdict: B", "B"),
+        ("**A**", "A"),
+        ("I think A\nA", "A"),
+        ("", None),
+        ("A or B, hard to say", None),
+        ("A\nB", None),
+        ("The answer is better.", None),
+    ],
+)
 def test_a_text_verdict_must_name_exactly_one_label(text: str, verdict: str | None):
     assert judging.parse_text_verdict(text) == verdict
 
 
 @pytest.mark.parametrize(
     ("base_first", "adapter_first", "result"),
-    [("B", "A", "win"), ("A", "B", "loss"), ("tie", "tie", "tie"), ("A", "A", "tie"), ("B", "tie", "tie"),
-     (None, "A", "unscored"), ("B", None, "unscored")],
-)  # fmt: skip
+    [
+        ("B", "A", "win"),
+        ("A", "B", "loss"),
+        ("tie", "tie", "tie"),
+        ("A", "A", "tie"),
+        ("B", "tie", "tie"),
+        (None, "A", "unscored"),
+        ("B", None, "unscored"),
+    ],
+)
 def test_orders_that_disagree_are_a_tie_and_a_missing_verdict_is_unscored(base_first, adapter_first, result):
     assert judging.outcome(base_first, adapter_first) == result
 
@@ -92,8 +127,10 @@ def test_the_judge_reads_answers_without_their_think_block():
 
 
 def test_summary_counts_and_intervals():
-    results = [{"id": f"p{i}", "outcome": outcome} for i, outcome in
-               enumerate(["win"] * 6 + ["loss"] * 2 + ["tie"] * 2 + ["unscored"])]  # fmt: skip
+    results = [
+        {"id": f"p{i}", "outcome": outcome}
+        for i, outcome in enumerate(["win"] * 6 + ["loss"] * 2 + ["tie"] * 2 + ["unscored"])
+    ]
     report = judging.summary(results, seed=0)
     assert (report["wins"], report["losses"], report["ties"], report["unscoreds"]) == (6, 2, 2, 1)
     assert report["prompts_scored"] == 10 and report["win_rate"]["value"] == 0.6
@@ -111,8 +148,9 @@ def demo_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's tiny model, as `make demo` builds it."""
     out = tmp_path_factory.mktemp("judge-model") / "demo-base"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(["friction", "demo-base", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        ["friction", "demo-base", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -142,8 +180,7 @@ def workspace(tmp_path: Path, model: str, verdict: str) -> Path:
 
 def run_judge(folder: Path, base_url: str, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(folder)
-    argv = ["--samples", "data/eval/samples.jsonl", "--cache", ".judge-cache",
-            "--metrics", "metrics/judge.json"]  # fmt: skip
+    argv = ["--samples", "data/eval/samples.jsonl", "--cache", ".judge-cache", "--metrics", "metrics/judge.json"]
     environment = {"FRICTION_JUDGE_BASE_URL": base_url, "FRICTION_JUDGE_API_KEY": "sk-test"}
     return CliRunner().invoke(main, argv, env=environment)
 

@@ -9,8 +9,13 @@ from conftest import REPO
 
 
 def make(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO), *arguments], capture_output=True,
-                          text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_extras_are_installed_beside_the_installed_packages_never_over_them(tmp_path: Path):

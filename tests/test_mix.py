@@ -16,14 +16,13 @@ from conftest import SYSTEM_PROMPT, friction_row, jsonl_bytes, labelled_runs, re
 from datasets import Dataset, concatenate_datasets
 
 from friction import chatml, mixing, source_rows
-from stages import mix
 from friction.chatml import IGNORE_INDEX, IM_START, assistant_spans, render
 from friction.config import PackParams, Params
 from friction.mixing import Encoded, tokenize
-from friction.source_rows import BadRow, friction_messages, friction_text
-from friction.source_rows import certainly_over_chars
+from friction.source_rows import BadRow, certainly_over_chars, friction_messages, friction_text
 from friction.token_store import Stored
 from friction.tokens import load_tokenizer
+from stages import mix
 
 # original-recipe.md section 3, verbatim.
 ORIGINAL_FRICTION_TEMPLATE = (
@@ -310,20 +309,35 @@ def sampling_sources() -> dict[str, list]:
     ("mix_params", "expected", "weights_sum"),
     [
         # 24 clean rows: asked = min(100, int(0.5 x 24)) = 12; a: int(12 x .5) = 6; b: 6 asked, only 4 -> capped.
-        ({"target_max": 100, "target_fraction": 0.5, "weights": {"fr_a": 0.5, "re_b": 0.5}},
-         {"asked": 12, "fr_a": (6, 6, False), "re_b": (6, 4, True)}, 1.0),
+        (
+            {"target_max": 100, "target_fraction": 0.5, "weights": {"fr_a": 0.5, "re_b": 0.5}},
+            {"asked": 12, "fr_a": (6, 6, False), "re_b": (6, 4, True)},
+            1.0,
+        ),
         # target_max binds: asked = min(8, 21) = 8; 4 each, nothing capped.
-        ({"target_max": 8, "target_fraction": 0.9, "weights": {"fr_a": 0.5, "re_b": 0.5}},
-         {"asked": 8, "fr_a": (4, 4, False), "re_b": (4, 4, False)}, 1.0),
+        (
+            {"target_max": 8, "target_fraction": 0.9, "weights": {"fr_a": 0.5, "re_b": 0.5}},
+            {"asked": 8, "fr_a": (4, 4, False), "re_b": (4, 4, False)},
+            1.0,
+        ),
         # Weights summing to 0.75 are not renormalised, only reported: a 6, b int(12 x .25) = 3.
-        ({"target_max": 100, "target_fraction": 0.5, "weights": {"fr_a": 0.5, "re_b": 0.25}},
-         {"asked": 12, "fr_a": (6, 6, False), "re_b": (3, 3, False)}, 0.75),
+        (
+            {"target_max": 100, "target_fraction": 0.5, "weights": {"fr_a": 0.5, "re_b": 0.25}},
+            {"asked": 12, "fr_a": (6, 6, False), "re_b": (3, 3, False)},
+            0.75,
+        ),
         # int(), not round(): asked = int(0.9 x 24) = 21; int(21 x .5) = 10 each; b capped at 4.
-        ({"target_max": 100, "target_fraction": 0.9, "weights": {"fr_a": 0.5, "re_b": 0.5}},
-         {"asked": 21, "fr_a": (10, 10, False), "re_b": (10, 4, True)}, 1.0),
+        (
+            {"target_max": 100, "target_fraction": 0.9, "weights": {"fr_a": 0.5, "re_b": 0.5}},
+            {"asked": 21, "fr_a": (10, 10, False), "re_b": (10, 4, True)},
+            1.0,
+        ),
         # A zero weight takes nothing; the capped source's shortfall is not made up from the other one.
-        ({"target_max": 100, "target_fraction": 1.0, "weights": {"fr_a": 0.0, "re_b": 1.0}},
-         {"asked": 24, "fr_a": (0, 0, False), "re_b": (24, 4, True)}, 1.0),
+        (
+            {"target_max": 100, "target_fraction": 1.0, "weights": {"fr_a": 0.0, "re_b": 1.0}},
+            {"asked": 24, "fr_a": (0, 0, False), "re_b": (24, 4, True)},
+            1.0,
+        ),
     ],
 )
 def test_sampling_arithmetic(
@@ -401,8 +415,11 @@ def test_same_params_give_byte_identical_outputs(workspace: Path, make_params: C
     run_mix(params, "two/mixed", "two/metrics/mix.json")
     first = outputs(workspace / "one")
     assert sorted(first) == [
-        "metrics/mix.json", "mixed/dropped.jsonl", "mixed/train.parquet", "mixed/validation.parquet"
-    ]  # fmt: skip
+        "metrics/mix.json",
+        "mixed/dropped.jsonl",
+        "mixed/train.parquet",
+        "mixed/validation.parquet",
+    ]
     assert first == outputs(workspace / "two")
 
     run_mix(params.model_copy(update={"seed": params.seed + 1}), "three/mixed", "three/metrics/mix.json")
@@ -561,10 +578,7 @@ def test_a_row_far_over_max_length_is_never_tokenized_whole(
 
 def stub_rows(source: str, lengths: list[int]) -> list[Encoded]:
     """Encoded rows of the given token counts (ids are never looked at by sampling)."""
-    return [
-        Encoded(f"{source}{i}", source, i + 1, Stored(0, n, 0, 0), n)
-        for i, n in enumerate(lengths)
-    ]
+    return [Encoded(f"{source}{i}", source, i + 1, Stored(0, n, 0, 0), n) for i, n in enumerate(lengths)]
 
 
 def sample_report(make_params: Callable, rows: dict[str, list[Encoded]], weights: dict, **mix_params) -> dict:
@@ -575,8 +589,9 @@ def sample_report(make_params: Callable, rows: dict[str, list[Encoded]], weights
 def test_tokens_weighting_budget_hand_worked(make_params: Callable) -> None:
     rows = {"a": stub_rows("a", [100] * 10), "b": stub_rows("b", [300] * 10)}
     # asked = min(10, int(1.0 x 20)) = 10 rows; mean row = 4000 / 20 = 200 tokens; budget = 10 x 200 = 2000 tokens.
-    tokens = sample_report(make_params, rows, {"a": 0.5, "b": 0.5}, target_max=10, target_fraction=1.0,
-                           weighting="tokens")  # fmt: skip
+    tokens = sample_report(
+        make_params, rows, {"a": 0.5, "b": 0.5}, target_max=10, target_fraction=1.0, weighting="tokens"
+    )
     assert (tokens["asked"], tokens["tokens_asked"]) == (10, 2000)
     # a: share 1000 tokens = all ten 100-token rows (exactly at the share: not capped); b: 1000 // 300 = 3 rows.
     picked = {n: (c["tokens_asked"], c["sampled"], c["tokens"], c["capped"]) for n, c in tokens["sources"].items()}
@@ -682,8 +697,12 @@ def test_a_source_without_clean_rows_and_no_weight_is_reported_and_warned(
 
     empty = report["sources"]["fr_b"]
     assert (empty["available"], empty["empty"], empty["capped"], empty["sampled"], empty["tokens"]) == (
-        0, True, False, 0, 0
-    )  # fmt: skip
+        0,
+        True,
+        False,
+        0,
+        0,
+    )
     assert report["empty_sources"] == 1
     assert report["sources"]["fr_a"]["empty"] is False
     out = capsys.readouterr().out
@@ -701,7 +720,20 @@ def test_report_is_dvc_metrics_without_lists(workspace: Path, make_params: Calla
 
     assert all(isinstance(leaf, (int, float, str)) for leaf in leaves(report))  # bools are ints
     for name, counts in report["sources"].items():
-        keys = {"rows_in", "kept", "dropped", "over_max_length", "available", "available_tokens", "asked", "sampled",
-                "tokens_asked", "tokens", "token_share", "capped", "empty"}  # fmt: skip
+        keys = {
+            "rows_in",
+            "kept",
+            "dropped",
+            "over_max_length",
+            "available",
+            "available_tokens",
+            "asked",
+            "sampled",
+            "tokens_asked",
+            "tokens",
+            "token_share",
+            "capped",
+            "empty",
+        }
         assert set(counts) == keys, name
     assert report["tokens"] == sum(c["tokens"] for c in report["sources"].values())

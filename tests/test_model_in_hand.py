@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from friction.commands.chat import TurnStreamer, end_of_turn
 from friction.chatml import IM_END
+from friction.commands.chat import TurnStreamer, end_of_turn
 from friction.commands.push import card_for_hub
 
 ARTIFACT = "models/friction-adapter"
@@ -89,8 +89,9 @@ def test_chat_replies_to_one_prompt_as_greedy_generation_does(made_demo):
     assert result.stdout.strip() == expected.split(IM_END)[0].strip()
     assert result.stdout.strip()
 
-    at_head = friction("chat", "--rev", "HEAD", "--temperature", "0", "--max-new-tokens", "12", PROMPT, cwd=workspace,
-                       env=env)  # fmt: skip
+    at_head = friction(
+        "chat", "--rev", "HEAD", "--temperature", "0", "--max-new-tokens", "12", PROMPT, cwd=workspace, env=env
+    )
     assert at_head.returncode == 0, at_head.stderr[-3000:]
     assert at_head.stdout == result.stdout and "models/friction-adapter at HEAD" in at_head.stderr
 
@@ -100,9 +101,14 @@ def test_chat_replies_to_one_prompt_as_greedy_generation_does(made_demo):
 def test_chat_without_a_prompt_is_a_conversation(made_demo):
     workspace, _, env = made_demo
     result = subprocess.run(
-        ["friction", "chat", "--temperature", "0", "--max-new-tokens", "4"], input="Hello?\nAnd now?\n\n",
-        cwd=workspace, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        ["friction", "chat", "--temperature", "0", "--max-new-tokens", "4"],
+        input="Hello?\nAnd now?\n\n",
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("model> ") == 2
 
@@ -224,15 +230,21 @@ def test_merge_replaces_only_its_own_folder(adapter_workspace: Path):
 def test_chat_at_a_rev_naming_no_commit_is_a_clear_error(tmp_path: Path, what: str):
     from conftest import isolated_env
 
-    env = {**isolated_env(tmp_path / "env"), "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@example.com",
-           "GIT_COMMITTER_NAME": "a", "GIT_COMMITTER_EMAIL": "a@example.com"}  # fmt: skip
+    env = {
+        **isolated_env(tmp_path / "env"),
+        "GIT_AUTHOR_NAME": "a",
+        "GIT_AUTHOR_EMAIL": "a@example.com",
+        "GIT_COMMITTER_NAME": "a",
+        "GIT_COMMITTER_EMAIL": "a@example.com",
+    }
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "commit", "-qm", "init"]):
         subprocess.run(command, cwd=workspace, env=env, check=True)
     spec = "HEAD^{tree}" if what == "tree" else "HEAD:.dvc/.gitignore"
-    object_id = subprocess.run(["git", "rev-parse", spec], cwd=workspace, env=env, capture_output=True, text=True,
-                               check=True).stdout.strip()  # fmt: skip
+    object_id = subprocess.run(
+        ["git", "rev-parse", spec], cwd=workspace, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     result = friction("chat", "--rev", object_id, "Hello?", cwd=workspace, env=env)
     assert result.returncode == 1, result.stderr
     assert f"--rev {object_id}: names a git {what}, not a commit" in result.stderr

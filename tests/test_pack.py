@@ -17,21 +17,22 @@ import torch
 from conftest import SYSTEM_PROMPT, friction_row, labelled_runs, reluctance_text
 from transformers import AutoModelForCausalLM
 
-from friction import packing
-from friction import source_rows
-from stages import pack
+from friction import packing, source_rows
 from friction.chatml import IGNORE_INDEX, IM_END, IM_START, assistant_spans, render
 from friction.config import PackParams, Params
 from friction.mixing import Encoded, tokenize, write_parquet
-from friction.source_rows import friction_text
 from friction.packing import Piece, best_fit_decreasing, next_fit, pack_split
+from friction.source_rows import friction_text
 from friction.token_store import TokenStore
 from friction.tokens import load_tokenizer
+from stages import pack
 
-SHORT = render([
-    {"role": "user", "content": "Hi"},
-    {"role": "assistant", "content": "<think>\nok\n</think>\nHello."},
-])  # fmt: skip
+SHORT = render(
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\nok\n</think>\nHello."},
+    ]
+)
 # Two assistant turns, non-ASCII text, in the reluctance schema.
 MULTI_TURN = reluctance_text("Should I text him tonight?", "They sound tired.", "Maybe wait? 🙂 Café first.") + (
     "<|im_start|>user\nWhy?\n<|im_end|>\n"
@@ -192,10 +193,12 @@ def test_truncate_keeps_the_first_tokens_and_counts_a_cut_then_dropped_example_o
 def test_overflow_metrics_add_up(tokenizer, demo_params: Params, overflow: str, expected: dict) -> None:
     capacity = 144
     long_answer = friction_text(friction_row("1", answer="I hear you, and I'm not sure. " * 30), SYSTEM_PROMPT)
-    long_user = render([
-        {"role": "user", "content": "My sister never calls me back and " * 40},
-        {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
-    ])  # fmt: skip
+    long_user = render(
+        [
+            {"role": "user", "content": "My sister never calls me back and " * 40},
+            {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
+        ]
+    )
     examples = pieces_of([SHORT, long_answer, long_user, conversations()[1]], tokenizer)
     lengths = [len(e.input_ids) for e in examples]
     assert lengths[0] + lengths[3] <= capacity < min(lengths[1], lengths[2])  # the test data is what it claims
@@ -258,8 +261,11 @@ def original_trained_text(text: str) -> list[str]:
         user = text.find(f"{IM_START}user\n", match.end())
         end = user if user != -1 else len(text)
         trained[match.end() : end] = [True] * (end - match.end())
-    return ["".join(char for _, char in run) for is_trained, run in
-            itertools.groupby(zip(trained, text), key=lambda pair: pair[0]) if is_trained]  # fmt: skip
+    return [
+        "".join(char for _, char in run)
+        for is_trained, run in itertools.groupby(zip(trained, text), key=lambda pair: pair[0])
+        if is_trained
+    ]
 
 
 def test_stacked_masking_is_the_originals(tokenizer, demo_params: Params) -> None:
@@ -381,18 +387,25 @@ def test_run_packs_the_token_ids_it_reads(tmp_path: Path, monkeypatch: pytest.Mo
     run_pack(with_pack(demo_params, 64))
 
     train = pq.read_table(tmp_path / "data/packed/train.parquet").to_pylist()
-    assert train == [{"input_ids": PROMPT_FIRST.input_ids + FITS.input_ids,
-                      "labels": PROMPT_FIRST.labels + FITS.labels, "seq_lengths": [10, 3]}]  # fmt: skip
+    assert train == [
+        {
+            "input_ids": PROMPT_FIRST.input_ids + FITS.input_ids,
+            "labels": PROMPT_FIRST.labels + FITS.labels,
+            "seq_lengths": [10, 3],
+        }
+    ]
 
 
 def test_run_with_nothing_left_fails_and_leaves_no_output(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer, demo_params: Params
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    long_user = render([
-        {"role": "user", "content": "My sister never calls me back and " * 40},
-        {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
-    ])  # fmt: skip
+    long_user = render(
+        [
+            {"role": "user", "content": "My sister never calls me back and " * 40},
+            {"role": "assistant", "content": "<think>\nhm\n</think>\nOh."},
+        ]
+    )
     write_mixed(tmp_path, tokenizer, [SHORT], [long_user])  # truncation cuts off its whole assistant turn
 
     expected = r"no validation rows left: none of its 1 examples keeps a labelled token within model\.max_length 128"
@@ -452,8 +465,11 @@ def test_bad_mixed_files_name_the_file_and_row(
 
 def test_packed_bfd_rows_train_exactly_the_assistant_turns(demo_pipeline: Path, tokenizer, demo_params) -> None:
     max_length = demo_params.model.max_length
-    mixed = [row for split in ("train", "validation") for row in
-             pq.read_table(demo_pipeline / f"data/mixed/{split}.parquet").to_pylist()]  # fmt: skip
+    mixed = [
+        row
+        for split in ("train", "validation")
+        for row in pq.read_table(demo_pipeline / f"data/mixed/{split}.parquet").to_pylist()
+    ]
     by_ids = {tuple(e["input_ids"][:max_length]): e for e in mixed}
     whole = 0
     for split in ("train", "validation"):

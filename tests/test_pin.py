@@ -5,21 +5,21 @@ Like the Hub tests of fetch, `friction pin` runs in a subprocess whose HF_HOME i
 
 from __future__ import annotations
 
-import sys
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import REPO
 from test_fetch import put_in_hf_cache, run_in
 
-FRICTION = [sys.executable, "-m", "friction"]  # the `friction` command of the Python that runs the tests
-
 from friction.commands import pin
 from friction.config import Params, load_params
 from friction.hub import hub_repos
+
+FRICTION = [sys.executable, "-m", "friction"]  # the `friction` command of the Python that runs the tests
 
 OLD_COMMIT = "0" * 40
 

@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bench.corpus import SOURCES, write_sources
-from friction import schemas
-from friction import packing
-from stages import fetch, mix, pack
+from friction import packing, schemas
 from friction.config import Params
+from stages import fetch, mix, pack
 
 RECORDED_WITH_PYARROW = "26.0.1"
 ROW_GROUP_TOKENS = schemas.ROW_GROUP_TOKENS  # the stages' own, more than any of these corpora
@@ -35,9 +34,14 @@ VARIANTS = {
     "bfd-drop-examples": {"model": {"max_length": 1200}, "pack": {"strategy": "bfd", "overflow": "drop"}},
 }
 OUTPUTS = [
-    "data/mixed/train.parquet", "data/mixed/validation.parquet", "data/mixed/dropped.jsonl", "metrics/mix.json",
-    "data/packed/train.parquet", "data/packed/validation.parquet", "metrics/pack.json",
-]  # fmt: skip
+    "data/mixed/train.parquet",
+    "data/mixed/validation.parquet",
+    "data/mixed/dropped.jsonl",
+    "metrics/mix.json",
+    "data/packed/train.parquet",
+    "data/packed/validation.parquet",
+    "metrics/pack.json",
+]
 EXPECTED: dict[str, dict[str, str]] = {
     "bfd-drop-examples": {
         "data/mixed/train.parquet": "cb1296137dc300dd65fd91b6e6d341672ecaf3db24cde07a99650cbca46a86a1",
@@ -96,8 +100,12 @@ def content_digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     table = pq.read_table(path)
     digest = hashlib.sha256(str(table.schema).encode())
-    digest.update(json.dumps({k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()
-                              if k != b"ARROW:schema"}, sort_keys=True).encode())  # fmt: skip
+    digest.update(
+        json.dumps(
+            {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items() if k != b"ARROW:schema"},
+            sort_keys=True,
+        ).encode()
+    )
     for name in table.column_names:
         digest.update(json.dumps(table.column(name).to_pylist()).encode())
     return digest.hexdigest()
@@ -118,13 +126,21 @@ def run_stages(workspace: Path, params: Params) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("variant", "chunk_tokens", "row_group_tokens"),
     [(name, packing.CHUNK_TOKENS, ROW_GROUP_TOKENS) for name in sorted(VARIANTS)]
-    + [("stacked-split-tokens", 37, ROW_GROUP_TOKENS), ("bfd-truncate-examples", packing.CHUNK_TOKENS, 3000),
-       ("stacked-split-tokens", 37, 700)],
-)  # fmt: skip
+    + [
+        ("stacked-split-tokens", 37, ROW_GROUP_TOKENS),
+        ("bfd-truncate-examples", packing.CHUNK_TOKENS, 3000),
+        ("stacked-split-tokens", 37, 700),
+    ],
+)
 def test_mix_and_pack_write_the_recorded_bytes(
-    variant: str, chunk_tokens: int, row_group_tokens: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    tiny_model_dir: Path, demo_params: Params,
-) -> None:  # fmt: skip
+    variant: str,
+    chunk_tokens: int,
+    row_group_tokens: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_model_dir: Path,
+    demo_params: Params,
+) -> None:
     """Rows laid out a few at a time give the same bytes. Files written in many row groups (a corpus over
     ROW_GROUP_TOKENS) hold the same content, and pack reads them back whole."""
     monkeypatch.chdir(tmp_path)
@@ -142,8 +158,12 @@ def test_mix_and_pack_write_the_recorded_bytes(
     digests = run_stages(tmp_path, Params.model_validate(raw))
     expected = EXPECTED[variant]
     one_group = row_group_tokens == ROW_GROUP_TOKENS
-    compared = {name: value for name, value in digests.items() if name.endswith("content") or
-                (pyarrow.__version__ == RECORDED_WITH_PYARROW and (one_group or not name.endswith(".parquet")))}  # fmt: skip
+    compared = {
+        name: value
+        for name, value in digests.items()
+        if name.endswith("content")
+        or (pyarrow.__version__ == RECORDED_WITH_PYARROW and (one_group or not name.endswith(".parquet")))
+    }
     assert compared == {name: expected[name] for name in compared}
     groups = [pq.ParquetFile(path).num_row_groups for path in sorted(tmp_path.glob("data/*/*.parquet"))]
     assert all(count > 1 for count in groups) if not one_group else groups == [1] * 4, groups

@@ -86,8 +86,9 @@ def test_outputs_are_valid(demo):
 def test_make_compare_shows_each_difference_with_its_interval(demo):
     workspace, _ = demo
     # --md: the whole table (the terminal table is cut at the terminal's width)
-    table = sh("make", "-s", "-f", str(REPO / "Makefile"), "compare", f"VENV={REPO / '.venv'}", "ARGS=--md",
-               cwd=workspace)  # fmt: skip
+    table = sh(
+        "make", "-s", "-f", str(REPO / "Makefile"), "compare", f"VENV={REPO / '.venv'}", "ARGS=--md", cwd=workspace
+    )
     for name in ("validation_loss", "answer_pushback_rate", "control_overfriction_rate"):
         for column in ("diff", "ci95_low", "ci95_high", "p_holm"):  # DVC leaves the list ci95 out: its two ends
             assert f"comparison.{name}.{column}" in table, table
@@ -116,11 +117,21 @@ def test_demo_commits_its_baseline_run_and_keeps_checkpoints_out_of_git(demo):
     in_git = [path for path in tracked if path.startswith(("models/", "data/sources/demo-base/"))]
     assert in_git == ["models/.gitignore"]  # DVC's list of its outputs there; checkpoints are ignored from the root
     artifact = workspace / "models/friction-adapter"
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja", "README.md",
-            "loss_curves.png"} <= {path.name for path in artifact.iterdir()}  # fmt: skip
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "README.md",
+        "loss_curves.png",
+    } <= {path.name for path in artifact.iterdir()}
     exported = workspace / "models/friction-gguf"  # the friction-adapter-gguf artifact
-    assert {path.name for path in exported.iterdir()} == {"friction-lora-f16.gguf", "Modelfile", "chat_template.jinja",
-                                                          "README.md"}  # fmt: skip
+    assert {path.name for path in exported.iterdir()} == {
+        "friction-lora-f16.gguf",
+        "Modelfile",
+        "chat_template.jinja",
+        "README.md",
+    }
 
 
 def test_reproduce_again_is_a_no_op(demo):
@@ -143,7 +154,11 @@ def test_a_code_change_shows_in_dvc_status_for_the_stages_that_import_it_and_onl
     by mix, and by train and evaluate through the model loader), shows in `dvc status` for exactly those stages."""
     workspace = demo_copy
     edits = {
-        "friction/config.py": ('Literal["examples", "tokens"] = "examples"', 'Literal["examples", "tokens"] = "tokens"', set(STAGES)),
+        "friction/config.py": (
+            'Literal["examples", "tokens"] = "examples"',
+            'Literal["examples", "tokens"] = "tokens"',
+            set(STAGES),
+        ),
         "friction/tokens.py": ("def encode_texts(", "def encode_texts(  ", {"mix", "train", "evaluate"}),
     }
     for module, (old, new, importers) in edits.items():

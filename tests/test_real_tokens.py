@@ -15,10 +15,10 @@ from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from friction import mixing, source_rows
-from stages import mix, pack
 from friction.chatml import IGNORE_INDEX, IM_END, assistant_spans, user_starts
 from friction.config import PackParams, Params
 from friction.tokens import end_of_turn_id, load_tokenizer
+from stages import mix, pack
 
 # Standard ChatML (no newline before <|im_end|>), text outside the turns, two assistant turns, non-ASCII.
 STANDARD_CHATML = (
@@ -165,8 +165,9 @@ def offsets_trimmed(tokenizer):
 
 
 @pytest.mark.parametrize("which", ["real", "real, offsets trimmed", "demo"])
-def test_span_edges_from_the_rust_encoding_equal_the_per_token_offsets(which: str, real_base_dir: Path,
-                                                                     tiny_model_dir: Path) -> None:  # fmt: skip
+def test_span_edges_from_the_rust_encoding_equal_the_per_token_offsets(
+    which: str, real_base_dir: Path, tiny_model_dir: Path
+) -> None:
     tokenizer = load_tokenizer(tiny_model_dir if which == "demo" else real_base_dir, None)
     if which == "real, offsets trimmed":
         tokenizer = offsets_trimmed(tokenizer)

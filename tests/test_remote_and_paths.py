@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 import pytest
-
 from conftest import REPO, isolated_env
+
 from friction.commands import remote
 from friction.pipeline import artifact_path, stage_argv
 
@@ -21,7 +21,9 @@ def test_stages_take_their_paths_from_dvc_yaml_only():
     assert stage_argv("card", dvc_yaml)[-2:] == ["--out", "models/friction-adapter"]
     assert stage_argv("mix", dvc_yaml)[:6] == ["python", "-m", "stages", "mix", "--raw", "data/raw"]
     env = {**os.environ, "PATH": f"{REPO / '.venv/bin'}{os.pathsep}{os.environ['PATH']}"}
-    missing = subprocess.run(["python", "-m", "stages", "mix"], cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    missing = subprocess.run(
+        ["python", "-m", "stages", "mix"], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
     assert missing.returncode == 2 and "Missing option '--raw'" in missing.stderr
     with pytest.raises(click.ClickException, match="no stage 'mixx'"):
         stage_argv("mixx", dvc_yaml)
@@ -55,11 +57,24 @@ def run(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProce
 def clone(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A git clone of this working tree (what `git clone` gives a person), whose `make setup` finds its environment
     installed: .venv/bin is this checkout's, its stamp newer than pyproject.toml (the install itself is not tested)."""
-    env = {**isolated_env(tmp_path / "env"), "GIT_AUTHOR_NAME": "first", "GIT_AUTHOR_EMAIL": "first@example.com",
-           "GIT_COMMITTER_NAME": "first", "GIT_COMMITTER_EMAIL": "first@example.com"}  # fmt: skip
+    env = {
+        **isolated_env(tmp_path / "env"),
+        "GIT_AUTHOR_NAME": "first",
+        "GIT_AUTHOR_EMAIL": "first@example.com",
+        "GIT_COMMITTER_NAME": "first",
+        "GIT_COMMITTER_EMAIL": "first@example.com",
+    }
     origin = tmp_path / "origin"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")  # fmt: skip
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (origin / name).parent.mkdir(parents=True, exist_ok=True)

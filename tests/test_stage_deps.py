@@ -64,7 +64,9 @@ def test_each_stage_declares_exactly_the_code_it_runs(stage: str):
     assert STAGES[stage]["cmd"].split()[:4] == ["python", "-m", "stages", stage]
     imported, declared = code_of(stage), declared_code(stage)
     assert not imported - declared, f"dvc.yaml's {stage} stage misses deps: {sorted(imported - declared)}"
-    assert not declared - imported, f"dvc.yaml's {stage} stage declares code it does not run: {sorted(declared - imported)}"
+    assert not declared - imported, (
+        f"dvc.yaml's {stage} stage declares code it does not run: {sorted(declared - imported)}"
+    )
 
 
 def test_package_init_files_hold_no_code():

@@ -125,8 +125,10 @@ def test_shape_overrides_the_config_and_leaves_the_tokenizer_alone(tmp_path: Pat
 def test_corpus_from_jsonl_walks_nested_values(tmp_path: Path) -> None:
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     first.write_text(
-        json.dumps({"q": "one", "meta": {"tags": ["two", {"deep": "three"}], "n": 4, "ok": True}}) + "\n\n"
-        + json.dumps(["four", None, 5.0]) + "\n",
+        json.dumps({"q": "one", "meta": {"tags": ["two", {"deep": "three"}], "n": 4, "ok": True}})
+        + "\n\n"
+        + json.dumps(["four", None, 5.0])
+        + "\n",
         encoding="utf-8",
     )
     second.write_text(json.dumps({"messages": [{"role": "user", "content": "five"}]}) + "\n", encoding="utf-8")

@@ -17,10 +17,9 @@ from ruamel.yaml import YAML
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GenerationConfig
 
-from friction.chatml import IM_END
-
-from friction.modeling import device_name
 from friction import training
+from friction.chatml import IM_END
+from friction.modeling import device_name
 from friction.pipeline import stage_argv
 from friction.training import LiveLog, StepTimer, packed_datasets, resumable_checkpoint
 
@@ -31,7 +30,9 @@ MAX_STEPS, EVAL_STEPS = 24, 4
 def friction(stage: str, cwd: Path) -> subprocess.Popen:
     """The stage's command line from dvc.yaml, as dvc repro runs it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"}
-    return subprocess.Popen(stage_argv(stage, REPO / "dvc.yaml"), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        stage_argv(stage, REPO / "dvc.yaml"), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
 
 
 def finish(process: subprocess.Popen) -> str:

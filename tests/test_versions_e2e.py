@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
-
 from conftest import REPO
+from ruamel.yaml import YAML
 
 pytestmark = [pytest.mark.e2e, pytest.mark.needs_triton]  # the demo's pipeline trains with TRL
 
@@ -56,8 +55,13 @@ def in_storage(storage: Path, md5: str) -> bool:
 
 def repo_state() -> str:
     """What this checkout holds, ignored files included, to show a test added nothing to it."""
-    listing = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    listing = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return "\n".join(line for line in listing.splitlines() if "__pycache__" not in line and ".pytest_cache" not in line)
 
 
@@ -119,12 +123,34 @@ def test_a_second_clone_gets_every_version_and_an_experiment(demo_copy: Path, en
         run("friction", "pull", ARTIFACT, cwd=second, env=env)
         assert same_tree(second / ARTIFACT, expected), version
         got = tmp_path / f"got-{version}"
-        run("dvc", "artifacts", "get", str(origin), "friction-adapter", "--rev", version, "-o", str(got),
-            cwd=tmp_path, env=env)  # fmt: skip
+        run(
+            "dvc",
+            "artifacts",
+            "get",
+            str(origin),
+            "friction-adapter",
+            "--rev",
+            version,
+            "-o",
+            str(got),
+            cwd=tmp_path,
+            env=env,
+        )
         assert same_tree(got, expected), version
         exported = tmp_path / f"gguf-{version}"  # the export stage's folder is released with the same version
-        run("dvc", "artifacts", "get", str(origin), "friction-adapter-gguf", "--rev", version, "-o", str(exported),
-            cwd=tmp_path, env=env)  # fmt: skip
+        run(
+            "dvc",
+            "artifacts",
+            "get",
+            str(origin),
+            "friction-adapter-gguf",
+            "--rev",
+            version,
+            "-o",
+            str(exported),
+            cwd=tmp_path,
+            env=env,
+        )
         assert (exported / "Modelfile").is_file() and (exported / "friction-lora-f16.gguf").is_file(), version
 
     run("git", "checkout", "-q", "-", cwd=second, env=env)
@@ -165,8 +191,18 @@ def test_a_relative_remote_is_stored_absolute(demo_copy: Path, env):
 
 def test_two_queued_experiments_finish(demo_copy: Path, env):
     for tokens in (8, 16):
-        run("dvc", "exp", "run", "--queue", "-n", f"tokens-{tokens}", "-S", f"evaluate.max_new_tokens={tokens}",
-            cwd=demo_copy, env=env)  # fmt: skip
+        run(
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            f"tokens-{tokens}",
+            "-S",
+            f"evaluate.max_new_tokens={tokens}",
+            cwd=demo_copy,
+            env=env,
+        )
     run("dvc", "queue", "start", "-j", "1", cwd=demo_copy, env=env)
     deadline = time.monotonic() + 900
     while True:

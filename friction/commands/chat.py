@@ -51,9 +51,10 @@ def end_of_turn(tokenizer) -> tuple[int | None, StoppingCriteriaList | None]:
 def generation_config(folder: Path, tokenizer, max_new_tokens: int, temperature: float, top_p: float):
     """The adapter folder's generation_config.json when it has one, with this session's decoding settings."""
     config = (
-        GenerationConfig.from_pretrained(str(folder)) if (folder / "generation_config.json").is_file()
+        GenerationConfig.from_pretrained(str(folder))
+        if (folder / "generation_config.json").is_file()
         else GenerationConfig()
-    )  # fmt: skip
+    )
     eos, _ = end_of_turn(tokenizer)
     config.update(
         max_new_tokens=max_new_tokens,
@@ -73,9 +74,12 @@ def reply(model, tokenizer, messages: list[dict[str, str]], config, echo: bool =
     streamer = TurnStreamer(tokenizer, echo=echo)
     _, stop_text = end_of_turn(tokenizer)
     model.generate(
-        **inputs.to(model.device), generation_config=config, streamer=streamer,
-        stopping_criteria=stop_text, tokenizer=tokenizer if stop_text else None,
-    )  # fmt: skip
+        **inputs.to(model.device),
+        generation_config=config,
+        streamer=streamer,
+        stopping_criteria=stop_text,
+        tokenizer=tokenizer if stop_text else None,
+    )
     return streamer.reply.strip()
 
 

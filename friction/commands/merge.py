@@ -82,10 +82,14 @@ def run(folder: Path, out: Path, dtype_name: str | None) -> None:
     dtype = DTYPES[dtype_name] if dtype_name else (torch.bfloat16 if quantized else "auto")
     if quantized:
         if not torch.cuda.is_available():
-            raise click.ClickException(f"base model {location} is stored {quantized}-quantized; loading it to "
-                                       "dequantize needs a CUDA GPU (or merge onto the unquantized base)")  # fmt: skip
-        click.echo(f"merge: {location} is stored {quantized}-quantized (4-bit): loading it, dequantizing to "
-                   f"{str(dtype).removeprefix('torch.')} and merging there; the merged model is 16-bit")  # fmt: skip
+            raise click.ClickException(
+                f"base model {location} is stored {quantized}-quantized; loading it to "
+                "dequantize needs a CUDA GPU (or merge onto the unquantized base)"
+            )
+        click.echo(
+            f"merge: {location} is stored {quantized}-quantized (4-bit): loading it, dequantizing to "
+            f"{str(dtype).removeprefix('torch.')} and merging there; the merged model is 16-bit"
+        )
     base = load_base(folder, dtype=dtype, **({"device_map": {"": 0}} if quantized else {}))
     if quantized:
         base = base.dequantize(dtype=dtype)  # before the adapter wraps its layers: LoRA then merges into plain ones

@@ -36,8 +36,10 @@ def problems(folder: Path) -> list[str]:
     location, _ = base_reference(folder)
     found = []
     if Path(location).is_dir() or location.startswith((".", "/")) or location.count("/") >= 2:
-        found.append(f"its base model {location} is a local folder: nobody who downloads the adapter can load it "
-                     "(and the Hub refuses a card whose base_model is not a Hub id)")  # fmt: skip
+        found.append(
+            f"its base model {location} is a local folder: nobody who downloads the adapter can load it "
+            "(and the Hub refuses a card whose base_model is not a Hub id)"
+        )
     if not (folder / CARD).is_file():
         found.append(f"{folder} has no {CARD} (the model card the card stage writes)")
     return found
@@ -66,16 +68,19 @@ def run(folder: Path, repo_id: str, private: bool, dry_run: bool, message: str) 
     operations = [
         CommitOperationAdd(
             path_in_repo=str(path.relative_to(folder)),
-            path_or_fileobj=card_for_hub(path.read_text(encoding="utf-8"), repo_id).encode() if path.name == CARD
+            path_or_fileobj=card_for_hub(path.read_text(encoding="utf-8"), repo_id).encode()
+            if path.name == CARD
             else path,
         )
         for path in files
-    ]  # fmt: skip
+    ]
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         commit = api.create_commit(repo_id, operations, commit_message=message, repo_type="model")
     except HfHubHTTPError as error:  # 401 without a token, 403 without write access; the message names no token
-        raise click.ClickException(f"pushing to {repo_id} failed: {error}; log in with `hf auth login` or set "
-                                   "HF_TOKEN to a token with write access") from None  # fmt: skip
+        raise click.ClickException(
+            f"pushing to {repo_id} failed: {error}; log in with `hf auth login` or set "
+            "HF_TOKEN to a token with write access"
+        ) from None
     click.echo(f"pushed {len(files)} files: {commit.commit_url}")

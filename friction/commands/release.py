@@ -46,8 +46,10 @@ def refusal(version: str) -> str | None:
         unpushed = json.loads(output_of("dvc", "status", "--cloud", "--json", str(path)) or "{}")
         if unpushed:
             name, url = configured
-            return (f"{path} is not in DVC remote {name!r} ({url}) yet: run `dvc push` first ({len(unpushed)} files "
-                    "missing)")  # fmt: skip
+            return (
+                f"{path} is not in DVC remote {name!r} ({url}) yet: run `dvc push` first ({len(unpushed)} files "
+                "missing)"
+            )
     return None
 
 
