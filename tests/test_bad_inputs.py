@@ -39,7 +39,6 @@ def finished(demo_pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A workspace as a user has it after a run: fetched, mixed and packed data, an adapter, resumable checkpoints."""
     root = tmp_path_factory.mktemp("bad-inputs") / "finished"
     shutil.copytree(demo_pipeline, root, symlinks=True)
-    shutil.copytree(REPO / "data/eval", root / "data/eval")
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(root / "data/sources/demo-base")
     adapter = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
