@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import sysconfig
 from importlib.metadata import distributions
 from pathlib import Path
 
@@ -18,7 +19,11 @@ PACKAGING_TOOLS = {"pip", "setuptools", "wheel"}  # the venv's own, unless the l
 
 
 def installed_distributions(locked: dict[str, str]) -> dict[str, str]:
-    found = {environment.normalised(dist.metadata["Name"]): dist.version for dist in distributions()}
+    """What pip installed into this venv's site-packages (not what setuptools vendors and puts on sys.path)."""
+    site_packages = sysconfig.get_paths()["purelib"]
+    found = {
+        environment.normalised(dist.metadata["Name"]): dist.version for dist in distributions(path=[site_packages])
+    }
     unlocked_tools = PACKAGING_TOOLS - locked.keys()
     return {name: version for name, version in found.items() if name not in unlocked_tools | {"friction"}}
 

@@ -21,7 +21,8 @@ def make(*arguments: str) -> subprocess.CompletedProcess:
 def test_extras_are_installed_beside_the_installed_packages_never_over_them(tmp_path: Path):
     venv = tmp_path / "venv"
     venv.mkdir()
-    (venv / ".installed").touch()  # an environment made by make setup (newer than pyproject.toml)
+    (venv / "lock").write_text("requirements/lock.txt")
+    (venv / ".installed-lock").touch()  # an environment made by make setup (newer than pyproject.toml and the lock)
     for target, extra in (("cuda", "cuda"), ("flash-attention-4", "flash-attention-4")):
         planned = make("-n", target, f"VENV={venv}").stdout
         installs = [line for line in planned.splitlines() if "pip install" in line]
@@ -45,8 +46,12 @@ def test_the_unsloth_env_takes_exactly_the_unsloth_sets_four_portable_pins():
     planned = make("-n", "unsloth-env", "UNSLOTH_VENV=/nonexistent/venv-unsloth").stdout
     pins = "transformers==5.17.0 trl==1.15.0 datasets==4.8.5 huggingface-hub==1.33.0"
     lines = planned.splitlines()
-    steps = ("install --quiet torch==2.13.0", "install --quiet -e '.[test]'", f"install --quiet {pins}")
+    steps = (
+        "--require-hashes --no-deps -r requirements/lock.txt",
+        "install --quiet --no-deps -e .",
+        f"install --quiet {pins}",
+    )
     order = [next(i for i, line in enumerate(lines) if step in line) for step in steps]
-    assert order == sorted(order), planned  # the CPU torch first, then the project, then the pins over its own
+    assert order == sorted(order), planned  # the CPU lock first, then the project, then the pins over its own
     unsloth_txt = (REPO / "requirements/unsloth.txt").read_text().splitlines()
     assert all(pin in unsloth_txt for pin in pins.split())

@@ -86,9 +86,10 @@ def clone(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     run("git", "clone", "-q", str(origin), str(workspace), cwd=tmp_path, env=env)
     (workspace / ".venv").mkdir()
     (workspace / ".venv/bin").symlink_to(REPO / ".venv/bin")
-    stamp = workspace / ".venv/.installed"
+    (workspace / ".venv/lock").write_text("requirements/lock.txt")
+    stamp = workspace / ".venv/.installed-lock"
     stamp.touch()
-    later = (workspace / "pyproject.toml").stat().st_mtime + 60
+    later = max((workspace / name).stat().st_mtime for name in ("pyproject.toml", "requirements/lock.txt")) + 60
     os.utime(stamp, (later, later))
     return workspace, env
 
