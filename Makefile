@@ -158,7 +158,7 @@ remote:
 pull:
 	friction pull $(TARGETS)
 
-# The experiments side by side: the params that differ, validation loss, the main friction metrics, tokens/s.
+# The experiments side by side: the params that differ, validation loss, the main friction metrics, tokens/s. ARGS=--md prints it whole, however wide.
 compare:
 	dvc exp show --only-changed --keep '($(COMPARE_METRICS))$$' --drop '(?!(Experiment|Created|State|$(PARAM_COLUMNS)|($(COMPARE_METRICS))$$))' $(ARGS)
 
