@@ -65,7 +65,10 @@ def transformers_serve(model_dir: Path, log_path: Path) -> Iterator[str]:
         "--log-level",
         "info",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    # /v1/models lists the Hugging Face cache too, and transformers 5.17 (the unsloth set) fails when it is missing.
+    hub_cache = log_path.parent / "hf-hub-cache"
+    hub_cache.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_CACHE": str(hub_cache)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

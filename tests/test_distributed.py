@@ -240,7 +240,7 @@ def test_a_single_process_run_keeps_the_first_visible_gpu_alone(visible, alone):
 
 
 def launch_one_process(**environment: str) -> subprocess.CompletedProcess:
-    """`launch(1)` in a fresh process, as `friction train` calls it first; prints what CUDA_VISIBLE_DEVICES is then."""
+    """`launch(1)` in a fresh process, as the train stage calls it first; prints what CUDA_VISIBLE_DEVICES is then."""
     clean = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "LOCAL_RANK", "WORLD_SIZE")}
     program = (
         "import os; from friction import distributed; distributed.launch(1); "
