@@ -1,5 +1,5 @@
 # make lock: rewrite requirements/lock*.txt from pyproject.toml (uv); make setup installs exactly the lock
-# make demo: the whole pipeline on bundled sample data and a tiny model, CPU, offline (~40 s after install)
+# make demo: the whole pipeline on bundled sample data and a tiny model, CPU, offline (~75 s after install)
 # make test: the test suite (what CI runs)
 # make test-unsloth: the test suite again under the unsloth set's pins, in .venv-unsloth (CI runs it after make test)
 # make train / make repro: the recipe in params.yaml (the seed card's: needs a CUDA GPU and the Hub)
