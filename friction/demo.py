@@ -13,12 +13,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import click
 from ruamel.yaml import YAML
 
 from friction.artifacts import atomic_output
 from friction.tiny_model import build_tiny_model, corpus_from_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
+MARKER = ".friction-demo"  # what build_workspace leaves, so it replaces only folders it made
 DEMO_BASE = Path("data/sources/demo-base")  # recipes/demo.yaml's model.base
 DEMO_DATA = (Path("data/sources/demo"), Path("data/eval"))
 
@@ -26,11 +28,17 @@ DEMO_DATA = (Path("data/sources/demo"), Path("data/eval"))
 def build_workspace(
     dest: Path, params: dict[str, Any] | None = None, base: Path | None = None, repository: bool = False
 ) -> Path:
-    """Make `dest` a demo workspace (replacing what it held): `params` changes recipes/demo.yaml section by section;
-    the base is a copy of `base`, or built from the demo's own text (`build_demo_base`)."""
-    if dest.exists():
+    """Make `dest` a demo workspace: `params` changes recipes/demo.yaml section by section; the base is a copy of
+    `base`, or built from the demo's own text (`build_demo_base`). `dest` must be new, empty, or a demo workspace
+    this function made (it replaces that whole); anything else is refused, so nothing it did not write is deleted."""
+    if dest.exists() and any(dest.iterdir()):
+        if not (dest / MARKER).is_file():
+            raise click.ClickException(
+                f"{dest}: not empty and not a demo workspace (no {MARKER}); choose a new folder or empty this one"
+            )
         shutil.rmtree(dest)
-    dest.mkdir(parents=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / MARKER).write_text("made by friction.demo.build_workspace; replaced whole on the next build\n")
     for relative in tracked_files() if repository else DEMO_DATA:
         copy(REPO / relative, dest / relative)
     shutil.copyfile(REPO / "recipes/demo.yaml", dest / "params.yaml")
